@@ -1,0 +1,5 @@
+import sys
+
+from vua_nixl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,317 @@
+"""The NIXL agent: the only path bytes take between memory and block files.
+
+Backend choice is made by *probing*, not by reading a list: a backend counts as working only if
+it can be created and then completes a real write-and-read round trip of a test file in the
+store root, because a plugin that loads can still fail at its first I/O (GDS without a driver,
+io_uring forbidden by seccomp, O_DIRECT on tmpfs). Every rejected candidate is logged with its
+reason, and an explicitly requested backend that fails is an error, never a silent fallback.
+
+Memory is registered once per tensor storage and reused; file descriptors are registered per
+batch; one transfer request carries every chunk of a batch; completion is polled without sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vua_nixl.errors import BackendUnavailableError, TransferError
+
+log = logging.getLogger(__name__)
+
+#: auto order: GPU-direct first, then the multi-threaded GDS variant, then plain POSIX I/O.
+AUTO_ORDER = ("GDS", "GDS_MT", "POSIX")
+#: POSIX I/O engines in probe order, with the NIXL init params that select them.
+POSIX_ENGINES: dict[str, dict[str, str]] = {
+    "uring": {"use_uring": "true"},
+    "aio": {"use_aio": "true"},
+    "posix_aio": {"use_posix_aio": "true"},
+    "sync": {},
+}
+_PROBE_BYTES = 8192
+_REG_CACHE_ENTRIES = 8
+
+#: Test hook: called as hook(op, file_descs) before each transfer; raising simulates an I/O fault.
+FaultHook = Callable[[str, np.ndarray], None]
+
+
+def _import_nixl() -> Any:
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config  # type: ignore[import-untyped]
+    except ImportError as exc:  # pragma: no cover - nixl is a hard dependency
+        raise BackendUnavailableError(f"the nixl package is not importable: {exc}") from None
+    return nixl_agent, nixl_agent_config
+
+
+def nixl_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nixl")
+    except Exception:
+        return "unknown"
+
+
+@dataclass
+class ProbeReport:
+    """What `auto` tried, what it chose and why: printed by `vua-nixl info`, logged at start."""
+
+    chosen: Optional[str] = None
+    params: dict[str, str] = field(default_factory=dict)
+    engine: Optional[str] = None
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        name = self.chosen if not self.engine else f"{self.chosen} ({self.engine})"
+        why = "; ".join(f"{b}: {r}" for b, r in self.rejected) or "none"
+        return f"NIXL backend {name} selected; rejected: {why}"
+
+
+class NixlAgent:
+    """A NIXL agent bound to one storage backend, with registration caching and batch transfers."""
+
+    def __init__(
+        self,
+        backend: str = "auto",
+        *,
+        posix_io: str = "auto",
+        probe_dir: str | os.PathLike[str] | None = None,
+        name: Optional[str] = None,
+        direct_io: bool = False,
+    ):
+        self.name = name or f"vua-nixl-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.direct_io = direct_io
+        self.fault_hook: Optional[FaultHook] = None
+        self._lock = threading.RLock()
+        self._regs: OrderedDict[tuple[int, int, str], tuple[Any, Any]] = OrderedDict()
+        self._transient: dict[tuple[int, int, str], tuple[Any, Any]] = {}
+        self._closed = False
+        self.report = ProbeReport()
+        self._agent, self.backend = self._select(backend, posix_io, Path(probe_dir or "/tmp"))
+        self.mem_types: list[str] = list(self._agent.get_backend_mem_types(self.backend))
+        log.info(self.report.summary())
+
+    # ---- backend selection ---------------------------------------------------------------
+
+    def _select(self, backend: str, posix_io: str, probe_dir: Path) -> tuple[Any, str]:
+        nixl_agent, nixl_agent_config = _import_nixl()
+        candidates = AUTO_ORDER if backend == "auto" else (backend,)
+        for cand in candidates:
+            engines: Sequence[str]
+            if cand == "POSIX":
+                engines = list(POSIX_ENGINES) if posix_io == "auto" else [posix_io]
+            else:
+                engines = [""]
+            for engine in engines:
+                label = f"{cand}/{engine}" if engine else cand
+                if cand in ("GDS", "GDS_MT") and not torch.cuda.is_available():
+                    self.report.rejected.append((label, "no CUDA device visible to torch"))
+                    break
+                agent = nixl_agent(f"{self.name}-{cand}-{engine or 'x'}", nixl_agent_config(backends=[]))
+                self.report.plugins = list(agent.get_plugin_list())
+                if cand not in self.report.plugins:
+                    self.report.rejected.append((label, "plugin not present in this NIXL build"))
+                    break
+                params = dict(POSIX_ENGINES.get(engine, {})) if cand == "POSIX" else {}
+                try:
+                    agent.create_backend(cand, params)
+                    self._probe(agent, cand, probe_dir)
+                except Exception as exc:
+                    reason = f"{type(exc).__name__}: {exc}".strip(": ")
+                    self.report.rejected.append((label, reason))
+                    del agent
+                    continue
+                self.report.chosen, self.report.params, self.report.engine = cand, params, engine or None
+                return agent, cand
+        reasons = "; ".join(f"{b}: {r}" for b, r in self.report.rejected)
+        if backend == "auto":
+            raise BackendUnavailableError(f"no NIXL storage backend works on this host ({reasons})")
+        raise BackendUnavailableError(f"NIXL backend {backend} cannot start on this host ({reasons})")
+
+    def _probe(self, agent: Any, backend: str, probe_dir: Path) -> None:
+        """A real write + read round trip through the candidate backend."""
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        path = probe_dir / f".probe.{self.name}.{backend}.{uuid.uuid4().hex[:6]}"
+        gpu = backend in ("GDS", "GDS_MT")
+        pattern = torch.randint(0, 255, (_PROBE_BYTES,), dtype=torch.uint8)
+        src = pattern.cuda() if gpu else _aligned_empty(_PROBE_BYTES)
+        if not gpu:
+            src.copy_(pattern)
+        dst = torch.zeros_like(src)
+        mem = "VRAM" if gpu else "DRAM"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | (getattr(os, "O_DIRECT", 0) if (gpu or self.direct_io) else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            dev = src.device.index or 0
+            regs = [agent.register_memory([(t.data_ptr(), _PROBE_BYTES, dev, "")], mem) for t in (src, dst)]
+            freg = agent.register_memory([(0, 0, fd, "")], "FILE")
+            fdesc = agent.get_xfer_descs(np.array([[0, _PROBE_BYTES, fd]], dtype=np.uint64), "FILE")
+            for op, t in (("WRITE", src), ("READ", dst)):
+                mdesc = agent.get_xfer_descs(np.array([[t.data_ptr(), _PROBE_BYTES, dev]], dtype=np.uint64), mem)
+                handle = agent.initialize_xfer(op, mdesc, fdesc, agent.name)
+                try:
+                    state = agent.transfer(handle)
+                    while state == "PROC":
+                        state = agent.check_xfer_state(handle)
+                    if state != "DONE":
+                        raise TransferError(f"probe {op} ended in state {state}")
+                finally:
+                    agent.release_xfer_handle(handle)
+            if not torch.equal(src.cpu(), dst.cpu()):
+                raise TransferError("probe read back different bytes than it wrote")
+            agent.deregister_memory(freg)
+            for r in regs:
+                agent.deregister_memory(r)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+
+    # ---- memory registration -------------------------------------------------------------
+
+    def supports(self, mem_type: str) -> bool:
+        return mem_type in self.mem_types
+
+    def mem_type_of(self, tensor: torch.Tensor) -> str:
+        return "VRAM" if tensor.device.type == "cuda" else "DRAM"
+
+    def register_tensor(self, tensor: torch.Tensor, *, cache: bool = True) -> Optional[tuple[int, int, str]]:
+        """Make the storage behind ``tensor`` transferable; return a token to release, or None.
+
+        ``cache=True`` registers once and keeps the storage alive and registered for reuse:
+        right for long-lived buffers (an engine's KV cache, a caller's output buffer, staging).
+        ``cache=False`` is for short-lived tensors: the caller must :meth:`release` the token
+        after the transfer. A storage already registered is reused either way (None returned).
+        """
+        storage = tensor.untyped_storage()
+        mem = self.mem_type_of(tensor)
+        key = (storage.data_ptr(), storage.nbytes(), mem)
+        with self._lock:
+            if key in self._regs:
+                self._regs.move_to_end(key)
+                return None
+            if key in self._transient:
+                return None
+            dev = tensor.device.index or 0
+            reg = self._agent.register_memory([(key[0], key[1], dev, "")], mem, backends=[self.backend])
+            if not cache:
+                self._transient[key] = (reg, storage)
+                return key
+            self._regs[key] = (reg, storage)
+            while len(self._regs) > _REG_CACHE_ENTRIES:
+                _, (old, _) = self._regs.popitem(last=False)
+                self._agent.deregister_memory(old, backends=[self.backend])
+            return None
+
+    def release(self, key: Optional[tuple[int, int, str]]) -> None:
+        if key is None:
+            return
+        with self._lock:
+            entry = self._transient.pop(key, None)
+            if entry is not None:
+                self._agent.deregister_memory(entry[0], backends=[self.backend])
+
+    @contextmanager
+    def files(self, fds: Sequence[int]) -> Iterator[None]:
+        """Register file descriptors for the duration of one batch."""
+        if not fds:
+            yield
+            return
+        with self._lock:
+            reg = self._agent.register_memory([(0, 0, fd, "") for fd in fds], "FILE", backends=[self.backend])
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._agent.deregister_memory(reg, backends=[self.backend])
+
+    # ---- transfers -----------------------------------------------------------------------
+
+    def transfer(self, op: str, mem_descs: np.ndarray, file_descs: np.ndarray, mem_type: str = "DRAM") -> None:
+        """Move bytes between registered memory and registered files, as ONE NIXL request.
+
+        ``mem_descs`` rows are (address, length, device); ``file_descs`` rows are (offset,
+        length, fd), pairwise. Returns only when every byte has moved; any failure raises
+        TransferError, so a caller can never mistake a failed read for loaded data.
+        """
+        if len(mem_descs) == 0:
+            return
+        with self._lock:
+            if self._closed:
+                raise TransferError("NIXL agent is closed")
+            if self.fault_hook is not None:
+                self.fault_hook(op, file_descs)
+            try:
+                local = self._agent.get_xfer_descs(np.ascontiguousarray(mem_descs, dtype=np.uint64), mem_type)
+                remote = self._agent.get_xfer_descs(np.ascontiguousarray(file_descs, dtype=np.uint64), "FILE")
+                handle = self._agent.initialize_xfer(op, local, remote, self._agent.name, backends=[self.backend])
+            except Exception as exc:
+                raise TransferError(f"NIXL {op} could not be prepared: {type(exc).__name__}: {exc}") from None
+            try:
+                state = self._agent.transfer(handle)
+                spins = 0
+                while state == "PROC":
+                    state = self._agent.check_xfer_state(handle)
+                    spins += 1
+                    if spins & 63 == 0:
+                        os.sched_yield()  # let the backend's threads run; never a fixed sleep
+                if state != "DONE":
+                    raise TransferError(f"NIXL {op} of {len(mem_descs)} descriptors ended in state {state}")
+            except TransferError:
+                raise
+            except Exception as exc:
+                raise TransferError(f"NIXL {op} failed: {type(exc).__name__}: {exc}") from None
+            finally:
+                try:
+                    self._agent.release_xfer_handle(handle)
+                except Exception:  # a failed request may already be gone
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            for reg, _ in [*self._regs.values(), *self._transient.values()]:
+                try:
+                    self._agent.deregister_memory(reg, backends=[self.backend])
+                except Exception:
+                    pass
+            self._regs.clear()
+            self._transient.clear()
+            self._closed = True
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "nixl_version": nixl_version(),
+            "agent": self.name,
+            "backend": self.backend,
+            "engine": self.report.engine,
+            "params": self.report.params,
+            "mem_types": self.mem_types,
+            "rejected": [{"backend": b, "reason": r} for b, r in self.report.rejected],
+            "plugins": self.report.plugins,
+        }
+
+
+def _aligned_empty(nbytes: int) -> torch.Tensor:
+    """Page-aligned host buffer (O_DIRECT needs it); torch's allocator only guarantees 64 bytes."""
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes)
+
+
+def aligned_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """A page-aligned, zero-filled host tensor of ``shape`` and ``dtype``."""
+    n = int(np.prod(shape)) * dtype.itemsize
+    return _aligned_empty(n).view(dtype).reshape(tuple(shape))
+

@@ -1,0 +1,3 @@
+class VUA: pass
+class VUAConfig: pass
+class ClosestKV: pass
