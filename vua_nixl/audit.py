@@ -1,0 +1,234 @@
+"""Whole-root walks for operators: inventory, checksum verification, temp-file collection.
+
+These never run on the request path. Verification reads block files through the same NIXL
+agent as the store (batched), and checks each file on its own terms: header self-checksum,
+namespace directory, the key recomputed from parent key + tokens, exact size, payload checksum.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import xxhash
+
+from vua_nixl.agent import NixlAgent, aligned_empty
+from vua_nixl.errors import CorruptBlockError, TransferError
+from vua_nixl.format import checksum, decode_header
+from vua_nixl.paths import StorePaths, parse_tmp_name, this_host
+
+log = logging.getLogger(__name__)
+_VERIFY_BATCH_BYTES = 256 << 20
+
+
+@dataclass
+class NamespaceUsage:
+    fingerprint: str
+    description: dict[str, Any]
+    chunks: int = 0
+    bytes: int = 0
+    oldest: Optional[float] = None
+    newest: Optional[float] = None
+
+
+@dataclass
+class Inventory:
+    root: str
+    namespaces: list[NamespaceUsage] = field(default_factory=list)
+    temporaries: int = 0
+    temporary_bytes: int = 0
+    quarantined: int = 0
+
+    @property
+    def chunks(self) -> int:
+        return sum(n.chunks for n in self.namespaces)
+
+    @property
+    def bytes(self) -> int:
+        return sum(n.bytes for n in self.namespaces)
+
+
+def inventory(root: str | os.PathLike[str], progress: Optional[Callable[[int], None]] = None) -> Inventory:
+    paths = StorePaths(root)
+    inv = Inventory(root=str(paths.root))
+    for fp, desc in paths.namespaces():
+        usage = NamespaceUsage(fp, desc)
+        for entry in paths.blocks(fp):
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            usage.chunks += 1
+            usage.bytes += st.st_size
+            usage.oldest = st.st_mtime if usage.oldest is None else min(usage.oldest, st.st_mtime)
+            usage.newest = st.st_mtime if usage.newest is None else max(usage.newest, st.st_mtime)
+            if progress:
+                progress(1)
+        inv.namespaces.append(usage)
+    for entry in paths.temporaries():
+        try:
+            inv.temporary_bytes += entry.stat().st_size
+            inv.temporaries += 1
+        except FileNotFoundError:
+            pass
+    if paths.quarantine.is_dir():
+        inv.quarantined = sum(1 for _ in os.scandir(paths.quarantine))
+    return inv
+
+
+@dataclass
+class BadBlock:
+    path: str
+    reason: str
+
+
+def iter_block_paths(paths: StorePaths) -> Iterator[tuple[str, str]]:
+    for fp, _ in paths.namespaces():
+        for entry in paths.blocks(fp):
+            yield fp, entry.path
+
+
+def verify(
+    root: str | os.PathLike[str],
+    *,
+    agent: Optional[NixlAgent] = None,
+    remove: bool = False,
+    progress: Optional[Callable[[int], None]] = None,
+) -> tuple[int, list[BadBlock]]:
+    """Re-check every block; return (blocks checked, bad blocks). ``remove`` quarantines bad ones."""
+    paths = StorePaths(root)
+    own = agent is None
+    agent = agent or NixlAgent(probe_dir=paths.tmp)
+    checked, bad = 0, []
+    batch: list[tuple[str, str, int]] = []
+    size = 0
+    try:
+        for fp, path in iter_block_paths(paths):
+            try:
+                n = os.stat(path).st_size
+            except FileNotFoundError:
+                continue
+            if size + n > _VERIFY_BATCH_BYTES and batch:
+                bad.extend(_verify_batch(agent, batch))
+                checked += len(batch)
+                if progress:
+                    progress(len(batch))
+                batch, size = [], 0
+            batch.append((fp, path, n))
+            size += n
+        if batch:
+            bad.extend(_verify_batch(agent, batch))
+            checked += len(batch)
+            if progress:
+                progress(len(batch))
+    finally:
+        if own:
+            agent.close()
+    if remove:
+        for b in bad:
+            try:
+                key_hex = os.path.basename(b.path).split(".")[0]
+                os.replace(b.path, paths.quarantine_file(key_hex))
+            except OSError:
+                pass
+    return checked, bad
+
+
+def _verify_batch(agent: NixlAgent, batch: list[tuple[str, str, int]]) -> list[BadBlock]:
+    total = sum(-(-n // 4096) * 4096 for _, _, n in batch)
+    buf = aligned_empty((max(total, 4096),), torch.uint8)
+    token = agent.register_tensor(buf, cache=False)
+    bad: list[BadBlock] = []
+    fds: list[int] = []
+    try:
+        offs, off = [], 0
+        for _, path, n in batch:
+            fds.append(os.open(path, os.O_RDONLY))
+            offs.append(off)
+            off += -(-n // 4096) * 4096
+        base = buf.data_ptr()
+        mem = np.array([(base + o, n, 0) for o, (_, _, n) in zip(offs, batch)], dtype=np.uint64)
+        fil = np.array([(0, n, fd) for fd, (_, _, n) in zip(fds, batch)], dtype=np.uint64)
+        with agent.files(fds):
+            try:
+                agent.transfer("READ", mem, fil, "DRAM")
+                results = None
+            except TransferError:
+                results = "one-by-one"
+            for i, ((fp, path, n), o) in enumerate(zip(batch, offs)):
+                if results == "one-by-one":
+                    try:
+                        agent.transfer("READ", mem[i : i + 1], fil[i : i + 1], "DRAM")
+                    except TransferError as exc:
+                        bad.append(BadBlock(path, f"read failed: {exc}"))
+                        continue
+                reason = check_block_bytes(fp, path, ctypes.string_at(base + o, n))
+                if reason:
+                    bad.append(BadBlock(path, reason))
+    finally:
+        for fd in fds:
+            os.close(fd)
+        agent.release(token)
+    return bad
+
+
+def check_block_bytes(fp_hex: str, path: str, data: bytes) -> Optional[str]:
+    """Why these bytes are not a valid block at ``path``, or None if they are."""
+    try:
+        h = decode_header(data)
+    except CorruptBlockError as exc:
+        return str(exc)
+    if h.namespace.hex() != fp_hex:
+        return "namespace in header does not match its directory"
+    if os.path.basename(path) != h.key.hex() + ".kvb":
+        return "key in header does not match the file name"
+    if xxhash.xxh3_128_digest(h.parent + h.tokens) != h.key:
+        return "key is not the hash of parent key and tokens"
+    if len(data) != h.payload_offset + h.payload_len:
+        return f"size {len(data)} != header offset + length {h.payload_offset + h.payload_len}"
+    if checksum([data[h.payload_offset :]]) != h.checksum:
+        return "payload checksum mismatch"
+    return None
+
+
+def gc_temporaries(root: str | os.PathLike[str], max_age_s: float = 3600.0, now: Optional[float] = None) -> tuple[int, int]:
+    """Remove temp files left by dead or long-gone writers; return (files, bytes) removed.
+
+    A temp file is removable when it is older than ``max_age_s`` or when its writer was on this
+    host and that process no longer exists. Live writers on other hosts are left alone until the
+    age limit, so gc is safe on a shared mount.
+    """
+    paths = StorePaths(root)
+    now = time.time() if now is None else now
+    removed = nbytes = 0
+    for entry in paths.temporaries():
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            continue
+        owner = parse_tmp_name(entry.name)
+        dead = owner is not None and owner[0] == this_host() and not _pid_alive(owner[1])
+        if dead or now - st.st_mtime > max_age_s:
+            try:
+                os.unlink(entry.path)
+                removed += 1
+                nbytes += st.st_size
+            except FileNotFoundError:
+                pass
+    return removed, nbytes
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
