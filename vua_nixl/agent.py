@@ -51,6 +51,10 @@ def _import_nixl() -> Any:
         from nixl._api import nixl_agent, nixl_agent_config  # type: ignore[import-untyped]
     except ImportError as exc:  # pragma: no cover - nixl is a hard dependency
         raise BackendUnavailableError(f"the nixl package is not importable: {exc}") from None
+    if "NIXL_LOG_LEVEL" not in os.environ:
+        # NIXL logs an INFO line per agent and backend to *stdout*; the probe makes several, and
+        # stdout belongs to the program using us. NIXL_LOG_LEVEL still overrides this.
+        logging.getLogger("nixl").setLevel(logging.WARNING)
     return nixl_agent, nixl_agent_config
 
 

@@ -198,12 +198,13 @@ class KVStore:
     def block_path(self, key: bytes) -> str:
         return self.paths.block(self.fp_hex, key.hex())
 
-    def _present(self, key: bytes, now: float) -> bool:
-        ttl = self.config.presence_ttl_s
-        with self._presence_lock:
-            seen = self._presence.get(key)
-            if seen is not None and now - seen < ttl:
-                return True
+    def _present(self, key: bytes, now: float, cached: bool = True) -> bool:
+        """Is the chunk published? ``cached`` trusts a positive answer younger than presence_ttl_s."""
+        if cached:
+            with self._presence_lock:
+                seen = self._presence.get(key)
+                if seen is not None and now - seen < self.config.presence_ttl_s:
+                    return True
         try:
             st = os.stat(self.block_path(key))
         except OSError:
@@ -273,7 +274,7 @@ class KVStore:
             plan.keys, plan.tokens, plan.mem = keys, toks, canon
             plans.append(plan)
             for i, key in enumerate(keys):
-                if key not in todo and not self._present(key, now):
+                if key not in todo and not self._present(key, now, cached=False):
                     todo[key] = (len(plans) - 1, i)
         skipped = sum(len(p.keys) for p in plans) - len(todo)
         if not todo:

@@ -1,0 +1,319 @@
+"""KVStore behaviour with the real NIXL POSIX agent: exact bytes, strict prefixes, no bad hits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CHUNK, LAYOUT, make_kv, same_bytes
+from vua_nixl import (
+    BackendUnavailableError,
+    InvalidInputError,
+    KVLayout,
+    KVStore,
+    LayoutMismatchError,
+    Namespace,
+    StoreRootError,
+)
+from vua_nixl.dtypes import DTYPES
+from vua_nixl.format import PREFIX_BYTES, payload_offset
+
+TOKENS = torch.arange(1000, 1000 + 5 * CHUNK + 7)  # 5 full chunks and a tail
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_round_trip_every_dtype(root, dtype):
+    ns = Namespace("m", dtype, LAYOUT)
+    kv = make_kv(LAYOUT, DTYPES[dtype], len(TOKENS), seed=hash(dtype) % 1000)
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
+        assert s.put(TOKENS, kv) == 5 * CHUNK
+        assert s.lookup(TOKENS) == 5 * CHUNK
+        res = s.get(TOKENS)
+        assert res.tokens == 5 * CHUNK
+        assert same_bytes(res.kv, kv[:, :, : 5 * CHUNK])
+
+
+def test_round_trip_list_of_layers_forms(store):
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=3)
+    hf = [[kv[i, 0].transpose(0, 1).unsqueeze(0), kv[i, 1].transpose(0, 1).unsqueeze(0)] for i in range(3)]
+    tokens_first = [(kv[i, 0], kv[i, 1]) for i in range(3)]
+    for form in (hf, tokens_first):
+        store.delete(TOKENS)
+        assert store.put(TOKENS, form) == 5 * CHUNK
+        assert same_bytes(store.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
+
+
+def test_round_trip_mla(root):
+    layout = KVLayout(num_layers=4, kv_heads=1, head_dim=40, mla=True)
+    ns = Namespace("deepseek-like", "fp8", layout)
+    kv = make_kv(layout, torch.float8_e4m3fn, 3 * CHUNK, seed=9)
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
+        s.put(torch.arange(3 * CHUNK), kv)
+        assert same_bytes(s.get(torch.arange(3 * CHUNK)).kv, kv)
+        as_list = [kv[i] for i in range(4)]
+        s.delete(torch.arange(3 * CHUNK))
+        s.put(torch.arange(3 * CHUNK), as_list)
+        assert same_bytes(s.get(torch.arange(3 * CHUNK)).kv, kv)
+
+
+def test_get_into_caller_buffer(store):
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=4)
+    store.put(TOKENS, kv)
+    out = torch.zeros(LAYOUT.shape(8 * CHUNK), dtype=torch.bfloat16)
+    res = store.get(TOKENS, out=out)
+    assert res.tokens == 5 * CHUNK and res.kv.data_ptr() == out.data_ptr()
+    assert same_bytes(out[:, :, : 5 * CHUNK], kv[:, :, : 5 * CHUNK])
+    small = torch.zeros(LAYOUT.shape(2 * CHUNK + 3), dtype=torch.bfloat16)
+    res = store.get(TOKENS, out=small)  # loads what fits, and says so
+    assert res.tokens == 2 * CHUNK and same_bytes(small[:, :, : 2 * CHUNK], kv[:, :, : 2 * CHUNK])
+    with pytest.raises(LayoutMismatchError, match="out dtype"):
+        store.get(TOKENS, out=torch.zeros(LAYOUT.shape(CHUNK), dtype=torch.float16))
+
+
+def test_batched_forms_share_prefixes(store):
+    base = torch.arange(4 * CHUNK)
+    other = torch.cat([base[: 2 * CHUNK], torch.arange(5000, 5000 + 2 * CHUNK)])
+    kv_a = make_kv(LAYOUT, torch.bfloat16, 4 * CHUNK, seed=1)
+    kv_b = kv_a.clone()
+    kv_b[:, :, 2 * CHUNK :] = make_kv(LAYOUT, torch.bfloat16, 2 * CHUNK, seed=2)
+    assert store.put_many([(base, kv_a), (other, kv_b)]) == [4 * CHUNK, 4 * CHUNK]
+    assert store.stats()["chunks_written"] == 6  # the 2 shared chunks written once
+    assert store.lookup_many([base, other, torch.arange(9000, 9000 + CHUNK)]) == [4 * CHUNK, 4 * CHUNK, 0]
+    a, b, miss = store.get_many([base, other, torch.arange(9000, 9000 + CHUNK)])
+    assert same_bytes(a.kv, kv_a) and same_bytes(b.kv, kv_b) and miss == (0, None)
+    assert store.put(base, kv_a) == 4 * CHUNK and store.stats()["chunks_skipped"] >= 4
+
+
+def test_partial_chunks_are_not_stored(store):
+    kv = make_kv(LAYOUT, torch.bfloat16, CHUNK - 1)
+    assert store.put(torch.arange(CHUNK - 1), kv) == 0
+    assert store.get(torch.arange(CHUNK - 1)) == (0, None)
+
+
+def test_hole_in_the_middle_returns_only_the_contiguous_prefix(store):
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=5)
+    store.put(TOKENS, kv)
+    keys = store.keys_for(TOKENS)
+    os.unlink(store.block_path(keys[2]))
+    fresh = KVStore(store.paths.root, store.namespace, chunk_tokens=CHUNK, agent=store.agent)
+    assert fresh.lookup(TOKENS) == 2 * CHUNK
+    res = fresh.get(TOKENS)
+    assert res.tokens == 2 * CHUNK and same_bytes(res.kv, kv[:, :, : 2 * CHUNK])
+    # refilling the hole restores the whole prefix
+    store.put(TOKENS, kv)
+    assert same_bytes(fresh.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
+
+
+def _corrupt(path: str, how: str, other: str | None = None) -> None:
+    if how == "truncate":
+        os.truncate(path, os.path.getsize(path) - 100)
+    elif how == "flip_payload":
+        with open(path, "r+b") as f:
+            f.seek(payload_offset(CHUNK) + 123)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x01]))
+    elif how == "flip_header":
+        with open(path, "r+b") as f:
+            f.seek(PREFIX_BYTES + 20)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x80]))
+    elif how == "swap":  # a valid block of another chunk planted under this name
+        os.replace(other, path)
+    elif how == "zero":
+        with open(path, "r+b") as f:
+            f.write(b"\0" * 64)
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip_payload", "flip_header", "swap", "zero"])
+def test_corrupt_block_is_a_miss_never_wrong_data(store, how):
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=6)
+    store.put(TOKENS, kv)
+    keys = store.keys_for(TOKENS)
+    _corrupt(store.block_path(keys[3]), how, other=store.block_path(keys[4]))
+    fresh = KVStore(store.paths.root, store.namespace, chunk_tokens=CHUNK, agent=store.agent)
+    res = fresh.get(TOKENS)
+    assert res.tokens == 3 * CHUNK
+    assert same_bytes(res.kv, kv[:, :, : 3 * CHUNK])
+    assert fresh.stats()["corrupt"] == 1
+    assert not os.path.exists(store.block_path(keys[3]))  # quarantined, so the next put can heal it
+    assert len(os.listdir(store.paths.quarantine)) == 1
+    store.put(TOKENS, kv)
+    assert same_bytes(fresh.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
+
+
+def test_wrong_namespace_file_planted_is_rejected(root):
+    ns_a = Namespace("m", "bf16", LAYOUT)
+    ns_b = Namespace("m", "bf16", LAYOUT, tenant="b")
+    kv_a = make_kv(LAYOUT, torch.bfloat16, 2 * CHUNK, seed=7)
+    toks = torch.arange(2 * CHUNK)
+    with KVStore(root, ns_a, chunk_tokens=CHUNK, backend="POSIX") as a, KVStore(root, ns_b, chunk_tokens=CHUNK, agent=a.agent) as b:
+        a.put(toks, kv_a)
+        for ka, kb in zip(a.keys_for(toks), b.keys_for(toks)):
+            os.makedirs(os.path.dirname(b.block_path(kb)), exist_ok=True)
+            os.link(a.block_path(ka), b.block_path(kb))
+        assert b.lookup(toks) == 2 * CHUNK  # files exist with the right size ...
+        assert b.get(toks) == (0, None)  # ... but their headers name another namespace
+        assert b.stats()["corrupt"] == 1
+
+
+def test_namespaces_never_see_each_other(root):
+    toks = torch.arange(3 * CHUNK)
+    variants = [
+        Namespace("m", "bf16", LAYOUT),
+        Namespace("m", "fp16", LAYOUT),
+        Namespace("m", "bf16", KVLayout(4, 2, 16)),
+        Namespace("m", "bf16", LAYOUT, tp_size=2, tp_rank=1),
+        Namespace("m", "bf16", LAYOUT, tenant="acme"),
+        Namespace("other", "bf16", LAYOUT),
+    ]
+    stores = []
+    first = KVStore(root, variants[0], chunk_tokens=CHUNK, backend="POSIX")
+    first.put(toks, make_kv(LAYOUT, torch.bfloat16, 3 * CHUNK))
+    for ns in variants[1:]:
+        s = KVStore(root, ns, chunk_tokens=CHUNK, agent=first.agent)
+        stores.append(s)
+        assert s.lookup(toks) == 0 and s.get(toks) == (0, None)
+    assert KVStore(root, variants[0], chunk_tokens=2 * CHUNK, agent=first.agent).lookup(toks) == 0
+    first.close()
+
+
+def test_restart_sees_everything(root, ns):
+    kv = make_kv(LAYOUT, torch.bfloat16, 4 * CHUNK, seed=8)
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
+        s.put(torch.arange(4 * CHUNK), kv)
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s2:
+        assert same_bytes(s2.get(torch.arange(4 * CHUNK)).kv, kv)
+
+
+def test_delete(store):
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS))
+    store.put(TOKENS, kv)
+    assert store.delete(TOKENS[: 2 * CHUNK]) == 2
+    assert store.lookup(TOKENS) == 0
+    assert store.delete(TOKENS) == 3
+
+
+def test_block_file_layout(store):
+    kv = make_kv(LAYOUT, torch.bfloat16, CHUNK)
+    store.put(torch.arange(CHUNK), kv)
+    (key,) = store.keys_for(torch.arange(CHUNK))
+    path = Path(store.block_path(key))
+    assert path.parent.name == key.hex()[2:4] and path.parent.parent.name == key.hex()[:2]
+    assert path.stat().st_size == payload_offset(CHUNK) + kv.numel() * 2
+    assert payload_offset(CHUNK) % 4096 == 0
+    assert (store.paths.root / "MANIFEST.json").exists()
+    assert list(store.paths.tmp.iterdir()) == []
+
+
+# ---- bad input: a clear error and nothing written ---------------------------------------
+
+def _nothing_written(store: KVStore) -> bool:
+    return not any(store.paths.blocks(store.fp_hex)) and list(store.paths.tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "tokens, kv, err, msg",
+    [
+        (torch.arange(32), torch.zeros(3, 2, 32, 2), InvalidInputError, "must have 5 dims"),
+        (torch.arange(31), torch.zeros(3, 2, 32, 2, 16, dtype=torch.bfloat16), InvalidInputError, "token count 31 does not match KV length 32"),
+        (torch.arange(32), [[torch.zeros(32, 2, 16, dtype=torch.bfloat16)] * 2, [torch.zeros(32, 2, 8, dtype=torch.bfloat16)] * 2, [torch.zeros(32, 2, 16, dtype=torch.bfloat16)] * 2], InvalidInputError, "different shapes"),
+        (torch.arange(32), torch.zeros(3, 2, 32, 2, 16, dtype=torch.float64), InvalidInputError, "unsupported dtype"),
+        (torch.arange(32).float(), torch.zeros(3, 2, 32, 2, 16, dtype=torch.bfloat16), InvalidInputError, "tokens must be integers"),
+        (torch.tensor([-1] * 32), torch.zeros(3, 2, 32, 2, 16, dtype=torch.bfloat16), InvalidInputError, "non-negative"),
+        (torch.arange(32), torch.zeros(4, 2, 32, 2, 16, dtype=torch.bfloat16), LayoutMismatchError, "does not match the namespace layout"),
+        (torch.arange(32), torch.zeros(3, 2, 32, 2, 16, dtype=torch.float16), LayoutMismatchError, "dtype float16 does not match"),
+        (torch.arange(32), "kv", InvalidInputError, "must be a tensor or a list"),
+        (torch.arange(32), [[torch.zeros(2, 2, 32, 16, dtype=torch.bfloat16)] * 2] * 3, InvalidInputError, "batch size 2"),
+    ],
+)
+def test_bad_input_is_rejected_and_nothing_written(store, tokens, kv, err, msg):
+    with pytest.raises(err, match=msg):
+        store.put(tokens, kv)
+    assert _nothing_written(store)
+
+
+def test_root_that_is_a_file(tmp_path, ns):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(StoreRootError, match="not a directory"):
+        KVStore(f, ns, backend="POSIX")
+
+
+def test_read_only_root(tmp_path, ns):
+    import subprocess
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    try:
+        with pytest.raises(StoreRootError, match="cannot create store root .*Read-only file system"):
+            KVStore(mnt / "store", ns, backend="POSIX")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_incompatible_manifest(root, ns):
+    KVStore(root, ns, backend="POSIX").close()
+    (root / "MANIFEST.json").write_text('{"format": "vua-nixl", "format_version": 99}')
+    with pytest.raises(StoreRootError, match="format version 99"):
+        KVStore(root, ns, backend="POSIX")
+
+
+def test_disk_full_mid_put_publishes_nothing(tiny_tmpfs, ns):
+    with KVStore(tiny_tmpfs / "store", ns, chunk_tokens=CHUNK, backend="POSIX") as s:
+        small = make_kv(LAYOUT, torch.bfloat16, CHUNK)
+        s.put(torch.arange(CHUNK), small)
+        big_tokens = torch.arange(10_000, 10_000 + 200 * CHUNK)  # ~2.4 MiB of blocks into 1 MiB
+        with pytest.raises(StoreRootError, match="no space left"):
+            s.put(big_tokens, make_kv(LAYOUT, torch.bfloat16, len(big_tokens)))
+        assert s.lookup(big_tokens) == 0
+        assert list(s.paths.tmp.iterdir()) == []
+        assert same_bytes(s.get(torch.arange(CHUNK)).kv, small)  # what was there survives
+
+
+def test_failed_transfer_never_becomes_a_hit(store):
+    from vua_nixl.errors import TransferError
+
+    kv = make_kv(LAYOUT, torch.bfloat16, 2 * CHUNK)
+
+    def boom(op, descs):
+        raise TransferError("injected EIO")
+
+    store.agent.fault_hook = boom
+    with pytest.raises(TransferError, match="injected EIO"):
+        store.put(torch.arange(2 * CHUNK), kv)
+    store.agent.fault_hook = None
+    assert store.lookup(torch.arange(2 * CHUNK)) == 0 and list(store.paths.tmp.iterdir()) == []
+    store.put(torch.arange(2 * CHUNK), kv)
+    store.agent.fault_hook = boom
+    assert store.get(torch.arange(2 * CHUNK)) == (0, None)  # read failure -> miss, not data
+    store.agent.fault_hook = None
+
+
+def test_explicit_backend_that_cannot_start_is_an_error(root, ns):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU host may run GDS")
+    with pytest.raises(BackendUnavailableError, match="NIXL backend GDS cannot start on this host .*no CUDA device"):
+        KVStore(root, ns, backend="GDS")
+
+
+def test_auto_backend_reports_why(root, ns):
+    with KVStore(root, ns, backend="auto") as s:
+        info = s.agent.info()
+    assert info["backend"] == "POSIX"
+    if not torch.cuda.is_available():
+        assert {r["backend"] for r in info["rejected"]} >= {"GDS", "GDS_MT"}
+
+
+def test_file_mode(root, ns):
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", file_mode=0o600) as s:
+        s.put(torch.arange(CHUNK), make_kv(LAYOUT, torch.bfloat16, CHUNK))
+        mode = os.stat(s.block_path(s.keys_for(torch.arange(CHUNK))[0])).st_mode & 0o777
+        assert mode == 0o600
