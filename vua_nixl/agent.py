@@ -153,7 +153,7 @@ class NixlAgent:
         src = pattern.cuda() if gpu else _aligned_empty(_PROBE_BYTES)
         if not gpu:
             src.copy_(pattern)
-        dst = torch.zeros_like(src)
+        dst = torch.zeros_like(src) if gpu else _aligned_empty(_PROBE_BYTES)
         mem = "VRAM" if gpu else "DRAM"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | (getattr(os, "O_DIRECT", 0) if (gpu or self.direct_io) else 0)
         fd = os.open(path, flags, 0o600)
