@@ -317,3 +317,27 @@ def test_file_mode(root, ns):
         s.put(torch.arange(CHUNK), make_kv(LAYOUT, torch.bfloat16, CHUNK))
         mode = os.stat(s.block_path(s.keys_for(torch.arange(CHUNK))[0])).st_mode & 0o777
         assert mode == 0o600
+
+
+def _direct_ok(path: Path) -> bool:
+    try:
+        fd = os.open(path / ".d", os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o600)
+        os.close(fd)
+        os.unlink(path / ".d")
+        return True
+    except OSError:
+        return False
+
+
+def test_direct_io_round_trip_with_unaligned_buffers(root, ns):
+    root.mkdir(parents=True)
+    if not _direct_ok(root):
+        pytest.skip("O_DIRECT not supported on this file system")
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", direct_io=True) as s:
+        kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=11)[:, :, 1:]  # unaligned view
+        toks = TOKENS[1:]
+        s.put(toks, kv)
+        assert same_bytes(s.get(toks).kv, kv[:, :, : 5 * CHUNK])
+        out = torch.zeros(LAYOUT.shape(6 * CHUNK + 1), dtype=torch.bfloat16)[:, :, 1:]  # unaligned out
+        assert s.get(toks, out=out).tokens == 5 * CHUNK
+        assert same_bytes(out[:, :, : 5 * CHUNK], kv[:, :, : 5 * CHUNK])

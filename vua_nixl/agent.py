@@ -308,6 +308,58 @@ class NixlAgent:
         }
 
 
+class StagingPool:
+    """Registered host memory for bounce copies: allocated and registered once, carved per call.
+
+    A bounce is needed when the agent cannot touch the caller's memory directly: a GPU tensor
+    with a backend that has no VRAM support (POSIX on a GPU host without GDS), or a buffer that
+    is not page aligned under O_DIRECT. Registering such memory per request would put a
+    registration (costly for pinned memory and for GDS) on every load; the pool is registered
+    once, grows on demand, and is pinned when CUDA is present so device copies are async-capable.
+    """
+
+    def __init__(self, agent: "NixlAgent", initial_bytes: int):
+        self.agent = agent
+        self.initial = initial_bytes
+        self.lock = threading.Lock()
+        self.buf: Optional[torch.Tensor] = None
+        self._token: Optional[tuple[int, int, str]] = None
+        self.size = 0
+
+    @contextmanager
+    def carve(self, specs: Sequence[tuple[Sequence[int], torch.dtype]]) -> Iterator[list[torch.Tensor]]:
+        """Page-aligned views of the pool, one per (shape, dtype), valid inside the block only."""
+        if not specs:
+            yield []
+            return
+        sizes = [-(-int(np.prod(shape)) * dtype.itemsize // 4096) * 4096 for shape, dtype in specs]
+        with self.lock:
+            if sum(sizes) > self.size:
+                self._grow(max(sum(sizes), self.initial))
+            assert self.buf is not None
+            views, off = [], 0
+            for (shape, dtype), n in zip(specs, sizes):
+                count = int(np.prod(shape)) * dtype.itemsize
+                views.append(self.buf[off : off + count].view(dtype).reshape(tuple(shape)))
+                off += n
+            yield views
+
+    def _grow(self, nbytes: int) -> None:
+        self.release()
+        if torch.cuda.is_available():
+            self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        else:
+            self.buf = _aligned_empty(nbytes)
+        self._token = self.agent.register_tensor(self.buf, cache=False)
+        self.size = nbytes
+        log.debug("staging pool grown to %d MiB", nbytes >> 20)
+
+    def release(self) -> None:
+        if self._token is not None:
+            self.agent.release(self._token)
+        self.buf, self._token, self.size = None, None, 0
+
+
 def _aligned_empty(nbytes: int) -> torch.Tensor:
     """Page-aligned host buffer (O_DIRECT needs it); torch's allocator only guarantees 64 bytes."""
     buf = mmap.mmap(-1, max(nbytes, 1))

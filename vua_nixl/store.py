@@ -19,13 +19,14 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from vua_nixl.agent import NixlAgent, aligned_empty
+from vua_nixl.agent import NixlAgent, StagingPool, aligned_empty
 from vua_nixl.config import StoreConfig
 from vua_nixl.dtypes import DTYPES
 from vua_nixl.errors import CorruptBlockError, InvalidInputError, StoreRootError, TransferError, VuaNixlError
@@ -163,12 +164,14 @@ class KVStore:
             direct_io=self.config.direct_io,
         )
         self._direct = self.config.direct_io or self.agent.backend in ("GDS", "GDS_MT")
+        self._vram_ok = self.agent.supports("VRAM_SEG") or self.agent.supports("VRAM")
         self.observers: list[StoreObserver] = list(observers)
         self._stats = StoreStats()
         self._stats_lock = threading.Lock()
         self._presence: OrderedDict[bytes, float] = OrderedDict()
         self._presence_lock = threading.Lock()
         self._arenas = {"READ": _Arena(self.agent), "WRITE": _Arena(self.agent)}
+        self._staging = StagingPool(self.agent, self.config.staging_mib << 20)
         self._closed = False
         log.debug("KVStore %s ns=%s chunk=%d tokens, %d bytes/chunk", self.paths.root, self.fp_hex[:12], self.chunk_tokens, self.chunk_bytes)
 
@@ -186,6 +189,7 @@ class KVStore:
         self._closed = True
         for arena in self._arenas.values():
             arena.release()
+        self._staging.release()
         if self._own_agent:
             self.agent.close()
 
@@ -295,10 +299,17 @@ class KVStore:
         return results
 
     def _write_batch(self, plans: list[_Plan], jobs: list[tuple[bytes, tuple[int, int]]]) -> list[StoredChunk]:
-        host_mem: dict[int, torch.Tensor] = {}
-        for _, (pi, _) in jobs:
-            if pi not in host_mem:
-                host_mem[pi] = self._host_source(plans[pi].mem)
+        used = sorted({pi for _, (pi, _) in jobs})
+        bounce = [pi for pi in used if self._needs_bounce(plans[pi].mem)]
+        with self._staging.carve([(plans[pi].mem.shape, self.dtype) for pi in bounce]) as bufs:
+            host_mem = {pi: plans[pi].mem for pi in used}
+            for pi, buf in zip(bounce, bufs):
+                buf.copy_(plans[pi].mem)
+                host_mem[pi] = buf
+            return self._write_batch_from(plans, jobs, host_mem)
+
+    def _write_batch_from(self, plans: list[_Plan], jobs: list[tuple[bytes, tuple[int, int]]],
+                          host_mem: dict[int, torch.Tensor]) -> list[StoredChunk]:
         arena = self._arenas["WRITE"]
         temps: list[str] = []
         fds: list[int] = []
@@ -373,15 +384,11 @@ class KVStore:
             for key in regs:
                 self.agent.release(key)
 
-    def _host_source(self, t: torch.Tensor) -> torch.Tensor:
-        """Memory the agent can read from: the tensor itself, or a host bounce copy."""
-        if t.device.type == "cuda" and not self.agent.supports("VRAM_SEG") and not self.agent.supports("VRAM"):
-            return t.cpu()
-        if self._direct and t.data_ptr() % 4096:
-            aligned = aligned_empty(t.shape, t.dtype)
-            aligned.copy_(t)
-            return aligned
-        return t
+    def _needs_bounce(self, t: torch.Tensor) -> bool:
+        """Whether the agent cannot use ``t``'s memory directly (see StagingPool)."""
+        if t.device.type == "cuda" and not self._vram_ok:
+            return True
+        return self._direct and t.device.type == "cpu" and t.data_ptr() % 4096 != 0
 
     # ---- get -----------------------------------------------------------------------------
 
@@ -400,72 +407,71 @@ class KVStore:
         if outs is not None and len(outs) != len(tokens_list):
             raise InvalidInputError(f"{len(outs)} output buffers given for {len(tokens_list)} token sequences")
         t0 = time.perf_counter()
-        tdim = token_dim(self.layout)
         device = torch.device(device)
         plans: list[_Plan] = []
-        try:
-            for r, tokens in enumerate(tokens_list):
-                toks = as_token_array(tokens)
-                out = outs[r] if outs is not None else None
-                limit = None
-                if out is not None:
-                    limit = check_out(out, self.layout, self.namespace.dtype) // self.chunk_tokens
-                plan = _Plan()
-                plan.tokens = toks
-                plan.keys = chunk_keys(self.fingerprint, toks, self.chunk_tokens, limit)
-                self._open_prefix(plan)
-                if plan.n == 0:
-                    plan.mem = plan.out_view = None
-                elif out is not None:
-                    plan.out_view = out
-                    plan.mem = self._host_target(out, plan.n)
-                else:
-                    shape = self.layout.shape(plan.n * self.chunk_tokens)
-                    if device.type == "cuda" and (self.agent.supports("VRAM_SEG") or self.agent.supports("VRAM")):
-                        plan.mem = torch.empty(shape, dtype=self.dtype, device=device)
-                    else:
-                        plan.mem = aligned_empty(shape, self.dtype) if self._direct else torch.empty(shape, dtype=self.dtype)
-                    plan.out_view = plan.mem if plan.mem.device == device else None
-                plans.append(plan)
-            self._read_plans(plans)
-        finally:
-            for plan in plans:
-                for fd in plan.fds:
-                    os.close(fd)
-        results = []
-        for plan in plans:
-            n_tok = plan.n * self.chunk_tokens
-            self._bump(gets=1, tokens_requested=len(plan.tokens), tokens_hit=n_tok, chunks_read=plan.n, bytes_read=plan.n * self.chunk_bytes)
-            if plan.n == 0:
-                self._bump(misses=1)
-                results.append(GetResult(0, None))
-                for obs in self.observers:
-                    if hasattr(obs, "on_miss"):
-                        obs.on_miss(self, len(plan.tokens), 0)
-                continue
-            self._bump(hits=1)
-            if plan.out_view is None:  # bounce buffer -> requested device
-                kv = plan.mem.narrow(tdim, 0, n_tok).to(device)
-            else:
-                if plan.out_view is not plan.mem:
-                    plan.out_view.narrow(tdim, 0, n_tok).copy_(plan.mem.narrow(tdim, 0, n_tok))
-                kv = plan.out_view.narrow(tdim, 0, n_tok)
-            results.append(GetResult(n_tok, kv))
+        with ExitStack() as stack:
+            try:
+                for r, tokens in enumerate(tokens_list):
+                    out = outs[r] if outs is not None else None
+                    plans.append(self._plan_get(tokens, out, device))
+                self._stage(plans, stack)
+                self._read_plans(plans)
+            finally:
+                for plan in plans:
+                    for fd in plan.fds:
+                        os.close(fd)
+            results = [self._finish_get(plan, device) for plan in plans]
         seconds = time.perf_counter() - t0
         self._bump(load_seconds=seconds)
+        keys = [k for p in plans for k in p.keys[: p.n]]
         for obs in self.observers:
-            if hasattr(obs, "on_hit"):
-                keys = [k for p in plans for k in p.keys[: p.n]]
-                if keys:
-                    obs.on_hit(self, keys, len(keys) * self.chunk_bytes, seconds)
+            if keys and hasattr(obs, "on_hit"):
+                obs.on_hit(self, keys, len(keys) * self.chunk_bytes, seconds)
+            for p in plans:
+                if p.n == 0 and hasattr(obs, "on_miss"):
+                    obs.on_miss(self, len(p.tokens), 0)
         return results
 
-    def _host_target(self, out: torch.Tensor, n: int) -> torch.Tensor:
-        if out.device.type == "cuda" and not (self.agent.supports("VRAM_SEG") or self.agent.supports("VRAM")):
-            return torch.empty(self.layout.shape(n * self.chunk_tokens), dtype=self.dtype)
-        if self._direct and out.data_ptr() % 4096:
-            return aligned_empty(self.layout.shape(n * self.chunk_tokens), self.dtype)
-        return out
+    def _plan_get(self, tokens: Any, out: Optional[torch.Tensor], device: torch.device) -> _Plan:
+        """Open the prefix's files and decide where its bytes land (``plan.mem``)."""
+        toks = as_token_array(tokens)
+        limit = None
+        if out is not None:
+            limit = check_out(out, self.layout, self.namespace.dtype) // self.chunk_tokens
+        plan = _Plan()
+        plan.tokens = toks
+        plan.keys = chunk_keys(self.fingerprint, toks, self.chunk_tokens, limit)
+        self._open_prefix(plan)
+        plan.mem = plan.out_view = None
+        if plan.n and out is not None:
+            plan.out_view = plan.mem = out
+        elif plan.n:
+            shape = self.layout.shape(plan.n * self.chunk_tokens)
+            if device.type == "cuda":
+                plan.out_view = plan.mem = torch.empty(shape, dtype=self.dtype, device=device)
+            else:
+                plan.out_view = plan.mem = aligned_empty(shape, self.dtype) if self._direct else torch.empty(shape, dtype=self.dtype)
+        return plan
+
+    def _stage(self, plans: list[_Plan], stack: ExitStack) -> None:
+        """Point plans whose destination the agent cannot reach at staging-pool bounce buffers."""
+        bounce = [p for p in plans if p.n and self._needs_bounce(p.mem)]
+        if bounce:
+            shapes = [(self.layout.shape(p.n * self.chunk_tokens), self.dtype) for p in bounce]
+            for plan, buf in zip(bounce, stack.enter_context(self._staging.carve(shapes))):
+                plan.mem = buf
+
+    def _finish_get(self, plan: _Plan, device: torch.device) -> GetResult:
+        n_tok = plan.n * self.chunk_tokens
+        self._bump(gets=1, tokens_requested=len(plan.tokens), tokens_hit=n_tok, chunks_read=plan.n,
+                   bytes_read=plan.n * self.chunk_bytes, hits=int(plan.n > 0), misses=int(plan.n == 0))
+        if plan.n == 0:
+            return GetResult(0, None)
+        tdim = token_dim(self.layout)
+        view = plan.out_view.narrow(tdim, 0, n_tok)
+        if plan.mem is not plan.out_view:  # bounced through staging
+            view.copy_(plan.mem.narrow(tdim, 0, n_tok))
+        return GetResult(n_tok, view)
 
     def _open_prefix(self, plan: _Plan) -> None:
         """Open the contiguous run of chunk files from the start; stop at the first gap."""
