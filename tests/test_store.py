@@ -333,11 +333,14 @@ def test_direct_io_round_trip_with_unaligned_buffers(root, ns):
     root.mkdir(parents=True)
     if not _direct_ok(root):
         pytest.skip("O_DIRECT not supported on this file system")
-    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", direct_io=True) as s:
-        kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=11)[:, :, 1:]  # unaligned view
-        toks = TOKENS[1:]
+    chunk = 64  # 64 tokens x 2 heads x 16 dims x 2 bytes = 4 KiB segments
+    toks = torch.arange(5 * chunk + 9)
+    with KVStore(root, ns, chunk_tokens=chunk, backend="POSIX", direct_io=True) as s:
+        kv = make_kv(LAYOUT, torch.bfloat16, len(toks) + 1, seed=11)[:, :, 1:]  # unaligned strides
         s.put(toks, kv)
-        assert same_bytes(s.get(toks).kv, kv[:, :, : 5 * CHUNK])
-        out = torch.zeros(LAYOUT.shape(6 * CHUNK + 1), dtype=torch.bfloat16)[:, :, 1:]  # unaligned out
-        assert s.get(toks, out=out).tokens == 5 * CHUNK
-        assert same_bytes(out[:, :, : 5 * CHUNK], kv[:, :, : 5 * CHUNK])
+        assert same_bytes(s.get(toks).kv, kv[:, :, : 5 * chunk])
+        out = torch.zeros(LAYOUT.shape(6 * chunk + 1), dtype=torch.bfloat16)[:, :, 1:]  # unaligned out
+        assert s.get(toks, out=out).tokens == 5 * chunk
+        assert same_bytes(out[:, :, : 5 * chunk], kv[:, :, : 5 * chunk])
+    with pytest.raises(InvalidInputError, match="direct_io needs chunk segments that are multiples of 4096 bytes"):
+        KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", direct_io=True)

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 #: files opened per NIXL request; bounded so a 1M-token batch cannot exhaust descriptors.
 _MAX_FILES_PER_TRANSFER = 2048
+#: O_DIRECT alignment for addresses, offsets and lengths (the largest common logical block size).
+_DIRECT_ALIGN = 4096
 
 
 class GetResult(NamedTuple):
@@ -165,6 +167,13 @@ class KVStore:
         )
         self._direct = self.config.direct_io or self.agent.backend in ("GDS", "GDS_MT")
         self._vram_ok = self.agent.supports("VRAM_SEG") or self.agent.supports("VRAM")
+        if self.config.direct_io and self.agent.backend == "POSIX" and self._seg_bytes % _DIRECT_ALIGN:
+            if self._own_agent:
+                self.agent.close()
+            raise InvalidInputError(
+                f"direct_io needs chunk segments that are multiples of {_DIRECT_ALIGN} bytes; "
+                f"this layout and chunk_tokens={self.chunk_tokens} give {self._seg_bytes}"
+            )
         self.observers: list[StoreObserver] = list(observers)
         self._stats = StoreStats()
         self._stats_lock = threading.Lock()
@@ -301,10 +310,12 @@ class KVStore:
     def _write_batch(self, plans: list[_Plan], jobs: list[tuple[bytes, tuple[int, int]]]) -> list[StoredChunk]:
         used = sorted({pi for _, (pi, _) in jobs})
         bounce = [pi for pi in used if self._needs_bounce(plans[pi].mem)]
-        with self._staging.carve([(plans[pi].mem.shape, self.dtype) for pi in bounce]) as bufs:
+        tdim = token_dim(self.layout)
+        full = {pi: len(plans[pi].keys) * self.chunk_tokens for pi in bounce}  # whole chunks only
+        with self._staging.carve([(self.layout.shape(full[pi]), self.dtype) for pi in bounce]) as bufs:
             host_mem = {pi: plans[pi].mem for pi in used}
             for pi, buf in zip(bounce, bufs):
-                buf.copy_(plans[pi].mem)
+                buf.copy_(plans[pi].mem.narrow(tdim, 0, full[pi]))
                 host_mem[pi] = buf
             return self._write_batch_from(plans, jobs, host_mem)
 
@@ -388,7 +399,14 @@ class KVStore:
         """Whether the agent cannot use ``t``'s memory directly (see StagingPool)."""
         if t.device.type == "cuda" and not self._vram_ok:
             return True
-        return self._direct and t.device.type == "cpu" and t.data_ptr() % 4096 != 0
+        if not self._direct or t.device.type != "cpu":
+            return False
+        # O_DIRECT: every segment's address must be aligned, so the base and the strides between
+        # segments (layer, K/V, chunk start) must all be multiples of the alignment.
+        isz = t.element_size()
+        st = t.stride()
+        steps = (st[0], self.chunk_tokens * st[1]) if self.layout.mla else (st[0], st[1], self.chunk_tokens * st[2])
+        return t.data_ptr() % _DIRECT_ALIGN != 0 or any((x * isz) % _DIRECT_ALIGN for x in steps)
 
     # ---- get -----------------------------------------------------------------------------
 
