@@ -344,3 +344,19 @@ def test_direct_io_round_trip_with_unaligned_buffers(root, ns):
         assert same_bytes(out[:, :, : 5 * chunk], kv[:, :, : 5 * chunk])
     with pytest.raises(InvalidInputError, match="direct_io needs chunk segments that are multiples of 4096 bytes"):
         KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", direct_io=True)
+
+
+def test_get_many_with_many_caller_buffers(store):
+    """Registration caching must never drop buffers of the batch in flight (regression)."""
+    seqs = [torch.arange(i * 1000, i * 1000 + CHUNK) for i in range(20)]
+    kvs = [make_kv(LAYOUT, torch.bfloat16, CHUNK, seed=i) for i in range(20)]
+    store.put_many(list(zip(seqs, kvs)))
+    outs = [torch.empty(LAYOUT.shape(CHUNK), dtype=torch.bfloat16) for _ in seqs]
+    for _ in range(2):
+        res = store.get_many(seqs, outs=outs)
+        assert [r.tokens for r in res] == [CHUNK] * 20
+        assert all(same_bytes(o, kv) for o, kv in zip(outs, kvs))
+    res = store.get_many(seqs)  # store-allocated outputs are not kept registered
+    assert all(same_bytes(r.kv, kv) for r, kv in zip(res, kvs))
+    res_ptrs = {r.kv.untyped_storage().data_ptr() for r in res}
+    assert not res_ptrs & {k[0] for k in [*store.agent._regs, *store.agent._transient]}

@@ -198,25 +198,37 @@ class NixlAgent:
         ``cache=False`` is for short-lived tensors: the caller must :meth:`release` the token
         after the transfer. A storage already registered is reused either way (None returned).
         """
-        storage = tensor.untyped_storage()
-        mem = self.mem_type_of(tensor)
-        key = (storage.data_ptr(), storage.nbytes(), mem)
+        return self.register_batch([(tensor, cache)])[0]
+
+    def register_batch(self, items: Sequence[tuple[torch.Tensor, bool]]) -> list[Optional[tuple[int, int, str]]]:
+        """Register every tensor one transfer needs; cache eviction never touches this batch."""
+        tokens: list[Optional[tuple[int, int, str]]] = []
+        batch_keys = set()
         with self._lock:
-            if key in self._regs:
-                self._regs.move_to_end(key)
-                return None
-            if key in self._transient:
-                return None
-            dev = tensor.device.index or 0
-            reg = self._agent.register_memory([(key[0], key[1], dev, "")], mem, backends=[self.backend])
-            if not cache:
-                self._transient[key] = (reg, storage)
-                return key
-            self._regs[key] = (reg, storage)
-            while len(self._regs) > _REG_CACHE_ENTRIES:
-                _, (old, _) = self._regs.popitem(last=False)
+            for tensor, cache in items:
+                storage = tensor.untyped_storage()
+                mem = self.mem_type_of(tensor)
+                key = (storage.data_ptr(), storage.nbytes(), mem)
+                batch_keys.add(key)
+                if key in self._regs:
+                    self._regs.move_to_end(key)
+                    tokens.append(None)
+                    continue
+                if key in self._transient:
+                    tokens.append(None)
+                    continue
+                dev = tensor.device.index or 0
+                reg = self._agent.register_memory([(key[0], key[1], dev, "")], mem, backends=[self.backend])
+                if cache:
+                    self._regs[key] = (reg, storage)
+                    tokens.append(None)
+                else:
+                    self._transient[key] = (reg, storage)
+                    tokens.append(key)
+            for key in [k for k in self._regs if k not in batch_keys][: max(0, len(self._regs) - _REG_CACHE_ENTRIES)]:
+                old, _ = self._regs.pop(key)
                 self._agent.deregister_memory(old, backends=[self.backend])
-            return None
+        return tokens
 
     def release(self, key: Optional[tuple[int, int, str]]) -> None:
         if key is None:

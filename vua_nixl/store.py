@@ -101,12 +101,13 @@ class StoreStats:
 class _Plan:
     """One request's share of a batched transfer."""
 
-    __slots__ = ("keys", "tokens", "fds", "paths", "mem", "n", "out_view")
+    __slots__ = ("keys", "tokens", "fds", "paths", "mem", "n", "out_view", "user_out")
 
     def __init__(self) -> None:
         self.fds: list[int] = []
         self.paths: list[str] = []
         self.n = 0
+        self.user_out = False  # mem is the caller's buffer: worth keeping registered
 
 
 class KVStore:
@@ -352,8 +353,7 @@ class KVStore:
                     file_rows.extend((self._payload_off + s * self._seg_bytes, self._seg_bytes, fd) for s in range(self._nseg))
                     path = self.block_path(key)
                     chunks.append(StoredChunk(ci, key, parent, toks, self.file_bytes, path))
-                for src in host_mem.values():
-                    regs.append(self.agent.register_tensor(src, cache=False))
+                regs = self.agent.register_batch([(src, False) for src in host_mem.values()])
                 m, f = _coalesce(np.array(mem_rows, dtype=np.uint64), np.array(file_rows, dtype=np.uint64))
                 with self.agent.files(fds):
                     self.agent.transfer("WRITE", m, f, "DRAM")
@@ -463,6 +463,7 @@ class KVStore:
         plan.mem = plan.out_view = None
         if plan.n and out is not None:
             plan.out_view = plan.mem = out
+            plan.user_out = True
         elif plan.n:
             shape = self.layout.shape(plan.n * self.chunk_tokens)
             if device.type == "cuda":
@@ -528,10 +529,9 @@ class KVStore:
         plans = list({id(p): p for p, _ in jobs}.values())
         with arena.lock:
             arena.ensure(len(jobs) * self._payload_off)
-            tokens = []
+            tokens: list = []
             try:
-                for plan in plans:
-                    tokens.append(self.agent.register_tensor(plan.mem, cache=plan.mem is plan.out_view))
+                tokens = self.agent.register_batch([(p.mem, p.user_out and p.mem is p.out_view) for p in plans])
                 mem_type = self.agent.mem_type_of(plans[0].mem)
                 hdr_m, hdr_f, pay_m, pay_f, seg_addrs = self._read_rows(jobs, arena)
                 hm, hf = _coalesce(hdr_m, hdr_f)

@@ -1,0 +1,165 @@
+"""`vua-nixl bench storage` on CPU: POSIX raw NIXL rows and store rows over a tiny matrix, with
+check_consistency-style byte verification; GDS refuses without --fallback; nixlbench output parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from vua_nixl.bench.nbconfig import NixlbenchConfig
+from vua_nixl.bench.raw import BackendUnavailable, RawNixlBench, RunOptions
+from vua_nixl.bench.results import parse_nixlbench_output
+from vua_nixl.bench.storage import run_storage_bench
+from vua_nixl.bench.store_bench import store_shape_for
+
+TINY = dict(backend="POSIX", check_consistency=True, start_block_size=64 << 10, max_block_size=128 << 10,
+            start_batch_size=1, max_batch_size=2, num_threads=2, total_buffer_size=1 << 20,
+            num_iter=32, warmup_iter=32, large_blk_iter_ftr=16)
+
+
+def tiny(**kw: object) -> NixlbenchConfig:
+    return NixlbenchConfig.from_dict({**TINY, **kw})
+
+
+@pytest.mark.parametrize("op,direct,api", [("WRITE", False, "URING"), ("READ", True, "AIO")])
+def test_raw_and_store_rows_complete_and_verify(tmp_path: Path, op: str, direct: bool, api: str) -> None:
+    cfg = tiny(op_type=op, storage_enable_direct=direct, posix_api_type=api)
+    res = run_storage_bench(cfg, RunOptions(directory=tmp_path), nixlbench=None)
+    points = list(cfg.matrix())
+    assert len(points) == 4
+    for path in ("raw", "store"):
+        rows = [r for r in res.rows if r.path == path]
+        assert [(r.block_size, r.batch_size) for r in rows] == points
+        for r in rows:
+            assert r.verified is True, r.verify_detail
+            assert r.bw_gbps > 0 and r.avg_lat_us > 0 and r.direct is direct and r.op == op
+            assert r.iterations == 16  # (32 rounded to 2*16) / 2 threads; blocks <= 1 MiB keep it
+            assert r.total_bytes == r.block_size * r.batch_size * r.iterations * 2
+    raw = [r for r in res.rows if r.path == "raw"]
+    assert all(r.prep.avg is not None and r.post.avg is not None and r.tx.p99 is not None for r in raw)
+    assert all(r.backend.startswith("POSIX") for r in res.rows)
+    store = [r for r in res.rows if r.path == "store"]
+    assert all(r.ratio is not None and r.ratio > 0 for r in store)
+    assert res.all_verified
+    assert not list(tmp_path.iterdir()), "test files and store roots are cleaned up"
+
+
+def test_raw_consistency_check_catches_wrong_bytes(tmp_path: Path) -> None:
+    cfg = tiny(op_type="WRITE", max_block_size=64 << 10, max_batch_size=1)
+    with RawNixlBench(cfg, RunOptions(directory=tmp_path)) as bench:
+        row = bench.run_point(64 << 10, 1, 0)
+        assert row.verified is True
+        threads = bench._descriptors(64 << 10, 1)
+        os.pwrite(bench.check_fds[0], b"\x00" * 10, 4096)  # corrupt thread 0's block on disk
+        ok, detail = bench._verify(threads, 64 << 10, 0xBB)
+        assert not ok and detail.startswith("1/2")
+
+
+def test_read_check_detects_file_left_by_a_write(tmp_path: Path) -> None:
+    """The nixlbench pitfall: a READ over a file holding WRITE bytes must fail its check."""
+    cfg = tiny(op_type="READ", max_block_size=64 << 10, max_batch_size=1)
+    with RawNixlBench(cfg, RunOptions(directory=tmp_path)) as bench:
+        os.pwrite(bench.check_fds[0], b"\xbb" * (64 << 10), 0)
+        row = bench.run_point(64 << 10, 1, 0)
+        assert row.verified is False
+
+
+def test_gds_config_refuses_without_fallback_and_runs_posix_with_it(tmp_path: Path) -> None:
+    from vua_nixl.bench.raw import cuda_available
+
+    if cuda_available():
+        pytest.skip("a GPU is present: GDS may genuinely work here")
+    cfg = tiny(backend="GDS", op_type="READ", storage_enable_direct=True, initiator_seg_type="VRAM",
+               target_seg_type="VRAM", max_block_size=64 << 10, max_batch_size=1)
+    with pytest.raises(BackendUnavailable, match="--fallback"):
+        run_storage_bench(cfg, RunOptions(directory=tmp_path), nixlbench=None)
+    opts = RunOptions(directory=tmp_path, fallback=True)
+    res = run_storage_bench(cfg, opts, nixlbench=None)
+    assert res.meta["backend_run"] == "POSIX"
+    assert any("FALLBACK" in n for n in res.meta["notes"])
+    assert {r.path for r in res.rows} == {"raw", "store"} and res.all_verified
+
+
+def test_store_shapes_have_exact_chunk_bytes() -> None:
+    for block in (4096, 64 << 10, 3 << 20, 4 << 20, 17989632, 64 << 20):
+        for mode in ("model", "flat"):
+            s = store_shape_for(block, 256, mode)
+            assert s.chunk_bytes == block, (block, mode, s)
+    s = store_shape_for(4 << 20)
+    assert (s.num_layers, s.kv_heads, s.head_dim, s.chunk_tokens, s.dtype) == (4, 8, 128, 256, "bfloat16")
+
+
+NIXLBENCH_STDOUT = """\
+Block Size (B)      Batch Size     B/W (GB/Sec)   Avg Lat. (us)  Avg Prep (us)  P99 Prep (us)  Avg Post (us)  P99 Post (us)  Avg Tx (us)    P99 Tx (us)
+--------------------------------------------------------------------------------
+65536               1              1.234567       53.1           10.0           12.0           3.0            4.0            50.0           60.0
+131072              2              2.500000       104.9          11.0           13.0           3.5            4.5            100.0          120.0
+"""
+
+
+def test_parse_nixlbench_output() -> None:
+    rows = parse_nixlbench_output("WARNING: Adjusting num_iter\n" + NIXLBENCH_STDOUT)
+    assert [(r["block_size"], r["batch_size"]) for r in rows] == [(65536, 1), (131072, 2)]
+    assert rows[1]["bw_gbps"] == 2.5 and rows[0]["tx_p99"] == 60.0
+    multi = "65536 1 1.5 12.0 40.0 53.1 10 12 3 4 50 60\n"  # multi-rank form: aggregate + util columns
+    assert parse_nixlbench_output(multi)[0]["avg_lat_us"] == 53.1
+
+
+def test_cli_with_fake_nixlbench_writes_csv_json_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from vua_nixl.bench.cli import main
+
+    fake = tmp_path / "bin" / "nixlbench"
+    fake.parent.mkdir()
+    out_txt = tmp_path / "nb.txt"
+    out_txt.write_text(NIXLBENCH_STDOUT)
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/nb_args\ncat {out_txt}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(tiny(op_type="WRITE", posix_api_type="URING").to_toml())
+    data = tmp_path / "data"
+    prefix = tmp_path / "res" / "run"
+    rc = main(["bench", "storage", "--config", str(cfg_path), "--dir", str(data), "--out", str(prefix),
+               "--set", "max_batch_size=1", "--set", "max_block_size=64KiB"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Store/Raw" in printed and "B/W (GB/Sec)" in printed
+    for ext in (".csv", ".json", ".png"):
+        assert prefix.with_suffix(ext).stat().st_size > 0
+    payload = json.loads(prefix.with_suffix(".json").read_text())
+    paths = [r["path"] for r in payload["rows"]]
+    assert paths.count("raw") == 1 and paths.count("store") == 1 and paths.count("nixlbench") == 2
+    args = (tmp_path / "nb_args").read_text()
+    assert "--config_file=" in args and f"--filepath={data}" in args
+    header = prefix.with_suffix(".csv").read_text().splitlines()[0]
+    assert "bw_gbps" in header and "ratio" in header and "verified" in header
+
+
+def test_cli_rejects_unknown_override(tmp_path: Path) -> None:
+    from vua_nixl.bench.cli import main
+
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(tiny().to_toml())
+    assert main(["bench", "storage", "--config", str(cfg_path), "--set", "gds_filepath=/x"]) == 2
+
+
+def test_repeat_keeps_median_and_new_file_baseline(tmp_path: Path) -> None:
+    cfg = tiny(op_type="WRITE", max_block_size=64 << 10, max_batch_size=1, posix_api_type="URING")
+    res = run_storage_bench(cfg, RunOptions(directory=tmp_path), nixlbench=None, repeat=3, raw_new_files=True)
+    assert [r.path for r in res.rows] == ["raw", "raw-newfile", "store"]
+    assert all(r.verified is True for r in res.rows)
+    assert all("median of 3" in r.note for r in res.rows)
+    store = res.rows[-1]
+    assert store.ratio is not None and store.ratio_newfile is not None
+    assert not list(tmp_path.iterdir())
+
+
+def test_store_rows_verify_with_more_requests_than_registration_cache(tmp_path: Path) -> None:
+    cfg = tiny(op_type="READ", num_threads=9, max_block_size=64 << 10, max_batch_size=1, num_iter=144,
+               warmup_iter=0, total_buffer_size=9 << 20)
+    res = run_storage_bench(cfg, RunOptions(directory=tmp_path), raw=False, nixlbench=None)
+    assert [r.verified for r in res.rows] == [True]
