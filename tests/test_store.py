@@ -360,3 +360,31 @@ def test_get_many_with_many_caller_buffers(store):
     assert all(same_bytes(r.kv, kv) for r, kv in zip(res, kvs))
     res_ptrs = {r.kv.untyped_storage().data_ptr() for r in res}
     assert not res_ptrs & {k[0] for k in [*store.agent._regs, *store.agent._transient]}
+
+
+@pytest.mark.parametrize("fault, expect", [("bitflip", 3), ("eio_once", 5), ("eio_persistent", 0)])
+def test_pipelined_reads_keep_strict_prefixes(store, monkeypatch, fault, expect):
+    import vua_nixl.store as store_mod
+    from vua_nixl.errors import TransferError
+
+    monkeypatch.setattr(store_mod, "_PIPELINE_BYTES", 1)  # one chunk per sub-batch: fully pipelined
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=12)
+    store.put(TOKENS, kv)
+    assert same_bytes(store.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
+    reads = []
+
+    def eio(op, descs):
+        reads.append(op)
+        if op == "READ" and (len(reads) == 3 or (fault == "eio_persistent" and len(reads) > 3)):
+            raise TransferError("injected EIO")
+
+    if fault == "bitflip":
+        _corrupt(store.block_path(store.keys_for(TOKENS)[3]), "flip_payload")
+    else:
+        store.agent.fault_hook = eio  # the 3rd sub-batch fails; the batch is retried chunk by chunk
+    res = store.get(TOKENS)
+    store.agent.fault_hook = None
+    assert res.tokens == expect * CHUNK
+    if expect:
+        assert same_bytes(res.kv, kv[:, :, : res.tokens])
+    assert store.stats()["io_errors"] == (0 if fault == "bitflip" else 1)

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Iterable, NamedTuple, Optional, Protocol, Sequence
@@ -42,6 +43,8 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _MAX_FILES_PER_TRANSFER = 2048
 #: O_DIRECT alignment for addresses, offsets and lengths (the largest common logical block size).
 _DIRECT_ALIGN = 4096
+#: bytes per pipelined read sub-batch (verification of one overlaps the read of the next).
+_PIPELINE_BYTES = 64 << 20
 
 
 class GetResult(NamedTuple):
@@ -182,6 +185,7 @@ class KVStore:
         self._presence_lock = threading.Lock()
         self._arenas = {"READ": _Arena(self.agent), "WRITE": _Arena(self.agent)}
         self._staging = StagingPool(self.agent, self.config.staging_mib << 20)
+        self._verifier: Optional[ThreadPoolExecutor] = None
         self._closed = False
         log.debug("KVStore %s ns=%s chunk=%d tokens, %d bytes/chunk", self.paths.root, self.fp_hex[:12], self.chunk_tokens, self.chunk_bytes)
 
@@ -200,6 +204,8 @@ class KVStore:
         for arena in self._arenas.values():
             arena.release()
         self._staging.release()
+        if self._verifier is not None:
+            self._verifier.shutdown(wait=True)
         if self._own_agent:
             self.agent.close()
 
@@ -523,6 +529,13 @@ class KVStore:
             self._read_jobs(jobs[start : start + _MAX_FILES_PER_TRANSFER])
 
     def _read_jobs(self, jobs: list[tuple[_Plan, int]]) -> None:
+        """Read headers and payloads of ``jobs`` and keep, per plan, its longest valid prefix.
+
+        The read is pipelined in sub-batches of about _PIPELINE_BYTES: while NIXL moves
+        sub-batch k+1, a worker thread verifies sub-batch k (XXH3 and NIXL both release the
+        GIL), so checksum verification costs little beyond the I/O itself. Decisions
+        (quarantine, cutting a prefix) are applied afterwards, in order, on this thread.
+        """
         if not jobs:
             return
         arena = self._arenas["READ"]
@@ -534,25 +547,43 @@ class KVStore:
                 tokens = self.agent.register_batch([(p.mem, p.user_out and p.mem is p.out_view) for p in plans])
                 mem_type = self.agent.mem_type_of(plans[0].mem)
                 hdr_m, hdr_f, pay_m, pay_f, seg_addrs = self._read_rows(jobs, arena)
-                hm, hf = _coalesce(hdr_m, hdr_f)
-                pm, pf = _coalesce(pay_m, pay_f)
+                per = max(1, _PIPELINE_BYTES // self.file_bytes)
+                groups = [(i, min(i + per, len(jobs))) for i in range(0, len(jobs), per)]
+                checks: list[Any] = []
                 try:
                     with self.agent.files([fd for p in plans for fd in p.fds]):
-                        if mem_type == "DRAM":  # headers and payloads in one request
-                            self.agent.transfer("READ", np.concatenate([hm, pm]), np.concatenate([hf, pf]), "DRAM")
-                        else:  # headers to host memory, payloads straight to the GPU (GDS)
-                            self.agent.transfer("READ", hm, hf, "DRAM")
-                            self.agent.transfer("READ", pm, pf, mem_type)
+                        for lo, hi in groups:
+                            hm, hf = _coalesce(hdr_m[lo:hi], hdr_f[lo:hi])
+                            pm, pf = _coalesce(pay_m[lo * self._nseg : hi * self._nseg], pay_f[lo * self._nseg : hi * self._nseg])
+                            if mem_type == "DRAM":  # headers and payloads in one request
+                                self.agent.transfer("READ", np.concatenate([hm, pm]), np.concatenate([hf, pf]), "DRAM")
+                            else:  # headers to host memory, payloads straight to the GPU (GDS)
+                                self.agent.transfer("READ", hm, hf, "DRAM")
+                                self.agent.transfer("READ", pm, pf, mem_type)
+                            checks.append(self._submit_check(jobs, lo, hi, arena, seg_addrs, len(groups) > 1))
+                    reasons = [r for c in checks for r in (c.result() if hasattr(c, "result") else c)]
                 except TransferError as exc:
-                    # Something in the batch failed (EIO, a file truncated under us): nothing from
-                    # it is trusted. Retry chunk by chunk to keep the longest good prefix.
+                    # Something failed (EIO, a file truncated under us): nothing from this batch is
+                    # trusted. Retry chunk by chunk to keep the longest good prefix.
+                    for c in checks:
+                        if hasattr(c, "result"):
+                            c.result()
                     log.warning("batched read failed (%s); retrying chunk by chunk", exc)
                     self._bump(io_errors=1)
                     self._read_one_by_one(jobs, hdr_m, hdr_f, pay_m, pay_f, mem_type)
-                self._validate(jobs, arena, seg_addrs)
+                    reasons = self._check_range(jobs, 0, len(jobs), arena, seg_addrs)
+                self._apply_checks(jobs, reasons)
             finally:
                 for token in tokens:
                     self.agent.release(token)
+
+    def _submit_check(self, jobs: list[tuple[_Plan, int]], lo: int, hi: int, arena: "_Arena",
+                      seg_addrs: list[np.ndarray], pipelined: bool) -> Any:
+        if not pipelined:
+            return self._check_range(jobs, lo, hi, arena, seg_addrs)
+        if self._verifier is None:
+            self._verifier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-nixl-verify")
+        return self._verifier.submit(self._check_range, jobs, lo, hi, arena, seg_addrs)
 
     def _read_rows(self, jobs: list[tuple[_Plan, int]], arena: "_Arena") -> tuple[Any, ...]:
         """Descriptor rows: one header row per chunk, and its payload segments in file order."""
@@ -591,17 +622,20 @@ class KVStore:
                 log.warning("read of %s failed: %s; prefix ends at chunk %d", plan.paths[ci], exc, ci)
                 plan.n = ci
 
-    def _validate(self, jobs: list[tuple[_Plan, int]], arena: "_Arena", seg_addrs: list[np.ndarray]) -> None:
-        """Check header and checksum of each loaded chunk; cut each plan at its first bad chunk."""
-        for j, (plan, ci) in enumerate(jobs):
+    def _check_range(self, jobs: list[tuple[_Plan, int]], lo: int, hi: int, arena: "_Arena",
+                     seg_addrs: list[np.ndarray]) -> list[Optional[str]]:
+        """Why each loaded chunk in jobs[lo:hi] is invalid (None: valid). No side effects."""
+        reasons: list[Optional[str]] = []
+        for j in range(lo, hi):
+            plan, ci = jobs[j]
             if ci >= plan.n:
+                reasons.append(None)
                 continue
             parent = plan.keys[ci - 1] if ci > 0 else self.fingerprint
             toks = plan.tokens[ci * self.chunk_tokens : (ci + 1) * self.chunk_tokens]
-            expected = self._expected(plan.keys[ci], parent, toks)
             try:
                 header = decode_header(ctypes.string_at(arena.addr + j * self._payload_off, self._payload_off))
-                expected.check(header)
+                self._expected(plan.keys[ci], parent, toks).check(header)
                 if self.config.verify_checksums:
                     if plan.mem.device.type == "cuda":
                         got = checksum(_segments_cuda(plan.mem, self, ci))
@@ -609,8 +643,16 @@ class KVStore:
                         got = checksum(_segments(seg_addrs[j], self._seg_bytes))
                     if got != header.checksum:
                         raise CorruptBlockError("payload checksum mismatch")
+                reasons.append(None)
             except CorruptBlockError as exc:
-                self._quarantine(plan.paths[ci], str(exc), fd=plan.fds[ci])
+                reasons.append(str(exc))
+        return reasons
+
+    def _apply_checks(self, jobs: list[tuple[_Plan, int]], reasons: list[Optional[str]]) -> None:
+        """Cut each plan at its first invalid chunk and quarantine that file."""
+        for (plan, ci), reason in zip(jobs, reasons):
+            if reason is not None and ci < plan.n:
+                self._quarantine(plan.paths[ci], reason, fd=plan.fds[ci])
                 plan.n = ci
         for plan in {id(p): p for p, _ in jobs}.values():
             plan.keys = plan.keys[: plan.n]

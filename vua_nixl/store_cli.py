@@ -1,4 +1,6 @@
-"""`vua-nixl info | ls | stats | verify | gc`: what an operator runs against a store root."""
+"""`vua-nixl info | ls | stats | verify | gc`: what an operator runs against a store root.
+
+`stats` and `gc` are built on vua_nixl.lifecycle (audit view, pruner)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from tqdm import tqdm
 from vua_nixl.agent import NixlAgent, nixl_version
 from vua_nixl.audit import gc_temporaries, inventory, verify
 from vua_nixl.config import StoreConfig
+from vua_nixl.lifecycle.cli import add_limit_args, run_prune
 from vua_nixl.paths import StorePaths
 
 
@@ -33,10 +36,14 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    for name, helptext in (("ls", "namespaces, chunks and bytes under a root"), ("stats", "store inventory and audit")):
-        p = sub.add_parser(name, help=helptext)
-        _root_arg(p)
-        p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("ls", help="namespaces, chunks and bytes under a root")
+    _root_arg(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("stats", help="audit view: usage, hits/misses/bytes per namespace, top prefixes, evictions, quarantine")
+    _root_arg(p)
+    p.add_argument("--top", type=int, default=10, help="how many top prefixes by hits to show")
+    p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("verify", help="re-check every block's header, key and checksum")
     _root_arg(p)
@@ -46,6 +53,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("gc", help="remove stale temporaries (and, with limits, evict)")
     _root_arg(p)
     p.add_argument("--tmp-max-age", type=float, default=None, help="seconds after which a temp file is stale")
+    add_limit_args(p)
     p.set_defaults(func=cmd_gc)
 
 
@@ -109,11 +117,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad and not args.remove else 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from vua_nixl.lifecycle.audit import audit, render
+
+    rep = audit(_root(args), top=args.top)
+    if args.json:
+        print(json.dumps(rep.as_dict(), indent=2, default=str))
+    else:
+        render(rep)
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     cfg = StoreConfig()
-    removed, nbytes = gc_temporaries(_root(args), args.tmp_max_age if args.tmp_max_age is not None else cfg.tmp_max_age_s)
+    root = _root(args)
+    removed, nbytes = gc_temporaries(root, args.tmp_max_age if args.tmp_max_age is not None else cfg.tmp_max_age_s)
+    pruned = None
+    if args.max_bytes is not None or args.max_age is not None or cfg.max_bytes is not None or cfg.max_age_s is not None:
+        pruned = run_prune(root, args)
     if args.json:
-        print(json.dumps({"temporaries_removed": removed, "bytes": nbytes}))
+        print(json.dumps({"temporaries_removed": removed, "bytes": nbytes, "pruned": pruned}, default=str))
     else:
         print(f"removed {removed} stale temporaries ({nbytes} bytes)")
+        if pruned is not None:
+            print(f"evicted {pruned['evicted_chunks']} chunks ({pruned['evicted_bytes']} bytes) {pruned['reasons']}; "
+                  f"{pruned['usage_after']} bytes of blocks remain (policy {pruned['policy']})")
     return 0
