@@ -1,0 +1,623 @@
+"""vua-nixl engine served as a Dynamo worker: aggregated, prefill or decode.
+
+Run one per process::
+
+    python -m dynamo_components.worker --role prefill --model /models/tiny --store /mnt/kv
+
+The worker serves ``<namespace>.<component>.generate`` through a ``DistributedRuntime`` (token in,
+token out: the stock frontend tokenizes with the model directory's tokenizer), registers the model
+with ``register_model`` so the frontend and its KV router find it, and publishes KV events:
+
+* shared tier (``EXTERNAL``) for every chunk in the shared store, its own and other workers'
+  (see :mod:`dynamo_components.kv_events`), so the router credits *every* worker for a prefix
+  any of them stored;
+* device tier (``GPU`` medium) for the prompt prefixes in its own hot cache
+  (:mod:`dynamo_components.hot_cache`), which it can reuse without reading the store.
+
+Roles and the request protocol (what the frontend sends and expects):
+
+* ``aggregated``: prefill (reusing the store) and decode in one worker.
+* ``prefill``: prefill with reuse, save new chunks, answer with the first token and
+  ``disaggregated_params.kv_transfer_params`` (``store`` or ``nixl`` mode, see
+  :mod:`dynamo_components.handoff`). The frontend discards the token and forwards the params.
+* ``decode``: gets ``prefill_result`` with those params, obtains the prompt's KV (load from the
+  store, or READ from the prefill worker over NIXL), and streams the generated tokens. If the
+  hand-off fails it says so in the log and recomputes: it never decodes from partial KV.
+
+Engine calls run on worker threads (the engine serializes them with its own lock), so the
+asyncio loop keeps serving the runtime, health checks and other requests' token streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from dynamo_components.handoff import (
+    MODE_NIXL,
+    MODE_STORE,
+    MODES,
+    HandoffError,
+    NixlKvExporter,
+    NixlKvImporter,
+    store_params,
+)
+
+log = logging.getLogger("dynamo_components.worker")
+
+ROLES = ("aggregated", "prefill", "decode")
+#: Annotation a client can send (``nvext.annotations``) to pick the hand-off mode per request.
+HANDOFF_ANNOTATION = "vua_handoff="
+
+
+@dataclass
+class WorkerOptions:
+    """Everything a worker process needs; mirrors the command-line flags."""
+
+    role: str = "aggregated"
+    model: str = "tiny"
+    served_model_name: str | None = None
+    namespace: str = "vua"
+    component: str | None = None
+    endpoint: str = "generate"
+    store: str | None = None
+    chunk_tokens: int = 256
+    block_size: int = 16
+    handoff: str = MODE_STORE
+    device: str = "cpu"
+    max_num_seqs: int = 4
+    kv_cache_tokens: int | None = None
+    default_max_tokens: int = 64
+    events: bool = True
+    journal_dir: str | None = None
+    journal_poll_s: float = 0.5
+    validate_s: float = 10.0
+    handoff_ttl_s: float = 60.0
+    seed: int = 0
+    stats_file: str | None = None
+    hot_cache_mb: int = 512
+
+    def component_name(self) -> str:
+        return self.component or ("prefill" if self.role == "prefill" else "backend")
+
+
+@dataclass
+class WorkerStats:
+    """Counters served on the ``stats`` endpoint (tests and the benchmark read them)."""
+
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    computed_tokens: int = 0
+    generated_tokens: int = 0
+    handoff_store: int = 0
+    handoff_nixl: int = 0
+    handoff_failures: int = 0
+    hot_hits: int = 0
+    cancelled: int = 0
+    ttft_s_total: float = 0.0
+    last: dict[str, Any] = field(default_factory=dict)
+
+
+def _dtype_kv_ok(engine: Any, kv: Any) -> bool:
+    return (
+        kv.dim() == 5
+        and tuple(kv.shape[:2]) == (engine.num_layers, 2)
+        and tuple(kv.shape[3:]) == (engine.kv_heads, engine.head_dim)
+        and kv.dtype == engine.dtype
+    )
+
+
+class VuaWorker:
+    """One Dynamo worker process around one engine (and one store handle)."""
+
+    def __init__(self, opts: WorkerOptions) -> None:
+        if opts.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}")
+        if opts.handoff not in MODES:
+            raise ValueError(f"handoff must be one of {MODES}")
+        self.opts = opts
+        self.stats = WorkerStats()
+        self.engine: Any = None
+        self.store: Any = None
+        self.advertiser: Any = None
+        self.publisher: Any = None
+        self.journal: Any = None
+        self.exporter: NixlKvExporter | None = None
+        self.importer: NixlKvImporter | None = None
+        self.instance_id: int | None = None
+        self.hot: Any = None
+        # Engine work is serialized by the engine's lock; a small pool lets a request's token
+        # stream, a flush and journal polling interleave without blocking the event loop.
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vua-worker")
+        self._housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-house")
+        self._stopping = asyncio.Event()
+
+    # ---- setup ------------------------------------------------------------------------------
+    def build_engine(self) -> None:
+        """Load the model, open the store in the model's namespace, and build the engine."""
+        from vua_nixl.engine import Engine, load_model
+
+        o = self.opts
+        loaded = load_model(o.model, device=o.device, seed=o.seed)
+        probe = Engine(loaded, device=o.device, block_size=o.block_size, num_blocks=1)
+        namespace = probe.namespace
+        del probe
+        ctx = int(loaded.max_context)
+        kv_tokens = o.kv_cache_tokens or o.max_num_seqs * (ctx + o.block_size)
+        num_blocks = -(-kv_tokens // o.block_size) + 1
+        if o.store:
+            from vua_nixl.store import KVStore
+
+            if o.chunk_tokens % o.block_size:
+                raise ValueError(f"--chunk-tokens {o.chunk_tokens} must be a multiple of --block-size {o.block_size}")
+            self.store = KVStore(o.store, namespace, chunk_tokens=o.chunk_tokens)
+        self.engine = Engine(loaded, store=self.store, device=o.device, block_size=o.block_size, num_blocks=num_blocks)
+        if o.hot_cache_mb > 0:
+            from dynamo_components.hot_cache import HotPrefixCache
+
+            self.hot = HotPrefixCache(o.block_size, o.hot_cache_mb << 20)
+        log.info(
+            "engine ready: %s, %d layers, %d KV heads, block %d, %d blocks, store %s",
+            loaded.model_id, self.engine.num_layers, self.engine.kv_heads, o.block_size, num_blocks,
+            f"{o.store} (chunk {o.chunk_tokens})" if o.store else "none",
+        )
+
+    def _setup_events(self, endpoint: Any) -> None:
+        from dynamo_components.kv_events import (
+            MEDIUM_DEVICE,
+            KvTierPublisher,
+            SharedTierAdvertiser,
+            SharedTierJournal,
+        )
+
+        o = self.opts
+        self.publisher = KvTierPublisher(endpoint, o.block_size)
+        if self.hot is not None:
+            pub = self.publisher
+            self.hot.on_insert = lambda toks, first, hashes: pub.stored(
+                toks, first, len(hashes), MEDIUM_DEVICE, hashes=hashes
+            )
+            self.hot.on_evict = lambda hashes: pub.removed(hashes, MEDIUM_DEVICE)
+        if self.store is None:
+            return
+        jdir = o.journal_dir or os.path.join(o.store, ".dynamo-journal", self.store.fp_hex)
+        self.journal = SharedTierJournal(jdir)
+        self.advertiser = SharedTierAdvertiser(self.publisher, self.store, self.journal)
+        self.store.observers.append(self.advertiser)
+        n = self.advertiser.poll_journal()
+        log.info("shared tier: %d chunks replayed from %s", n, jdir)
+
+    # ---- serving ----------------------------------------------------------------------------
+    async def serve(self) -> None:
+        """Build everything, register with Dynamo, serve until SIGTERM/SIGINT."""
+        from dynamo.llm import ModelInput, ModelRuntimeConfig, ModelType, WorkerType, register_model
+        from dynamo.runtime import DistributedRuntime
+
+        o = self.opts
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.build_engine)
+        if o.role == "prefill":
+            try:
+                self.exporter = NixlKvExporter(ttl_s=o.handoff_ttl_s)
+            except Exception as exc:  # the store hand-off still works without NIXL UCX
+                log.warning("NIXL UCX exporter unavailable (%s): using the store hand-off only", exc)
+        if o.role == "decode":
+            try:
+                self.importer = NixlKvImporter()
+            except Exception as exc:  # the store path still works without NIXL UCX
+                log.warning("NIXL UCX importer unavailable (%s): nixl hand-offs will be recomputed", exc)
+
+        runtime = DistributedRuntime(
+            loop,
+            os.environ.get("DYN_DISCOVERY_BACKEND", "file"),
+            os.environ.get("DYN_REQUEST_PLANE", "tcp"),
+            event_plane=os.environ.get("DYN_EVENT_PLANE", "zmq"),
+        )
+        comp = o.component_name()
+        endpoint = runtime.endpoint(f"{o.namespace}.{comp}.{o.endpoint}")
+        stats_ep = runtime.endpoint(f"{o.namespace}.{comp}.stats")
+        self.instance_id = int(endpoint.connection_id())
+        if o.events:
+            self._setup_events(endpoint)
+
+        serving = asyncio.ensure_future(endpoint.serve_endpoint(self.generate, graceful_shutdown=True))
+        stats_serving = asyncio.ensure_future(stats_ep.serve_endpoint(self.stats_handler))
+
+        rc = ModelRuntimeConfig()
+        rc.total_kv_blocks = int(self.engine.paged.num_blocks)
+        rc.max_num_seqs = int(o.max_num_seqs)
+        rc.context_length = int(self.engine.max_context)
+        rc.enable_local_indexer = bool(o.events)
+        model_path = o.model
+        name = o.served_model_name or model_path
+        if o.role == "prefill":
+            mtype, wtype, needs = ModelType.Prefill, WorkerType.Prefill, [[WorkerType.Decode]]
+        elif o.role == "decode":
+            mtype, wtype, needs = ModelType.Chat | ModelType.Completions, WorkerType.Decode, [[WorkerType.Prefill]]
+        else:
+            mtype, wtype, needs = ModelType.Chat | ModelType.Completions, WorkerType.Aggregated, None
+        await register_model(
+            ModelInput.Tokens, mtype, endpoint, model_path, name,
+            worker_type=wtype, needs=needs, kv_cache_block_size=o.block_size, runtime_config=rc,
+        )
+        log.info(
+            "%s worker %x serving %s.%s.%s (model %s, hand-off %s)",
+            o.role, self.instance_id, o.namespace, comp, o.endpoint, name, o.handoff,
+        )
+        self.write_stats()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        house = asyncio.ensure_future(self._housekeeping_loop())
+        stop_wait = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait([serving, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        log.info("worker %x shutting down", self.instance_id)
+        house.cancel()
+        runtime.shutdown()
+        for fut in (serving, stats_serving):
+            fut.cancel()
+        self.close()
+
+    def close(self) -> None:
+        """Flush pending saves and release sockets, NIXL registrations and the store."""
+        try:
+            if self.engine is not None:
+                self.engine.flush(timeout=10)
+                self.engine.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            log.warning("engine close failed", exc_info=True)
+        for obj in (self.exporter, self.importer, self.publisher, self.journal):
+            try:
+                if obj is not None:
+                    obj.close()
+            except Exception:  # pragma: no cover
+                log.debug("close failed", exc_info=True)
+        if self.store is not None:
+            self.store.close()
+
+    async def _housekeeping_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_validate = time.monotonic()
+        while True:
+            await asyncio.sleep(self.opts.journal_poll_s)
+            try:
+                if self.advertiser is not None:
+                    await loop.run_in_executor(self._housekeeping, self.advertiser.poll_journal)
+                    if time.monotonic() - last_validate > self.opts.validate_s:
+                        last_validate = time.monotonic()
+                        await loop.run_in_executor(self._housekeeping, self.advertiser.validate)
+                if self.exporter is not None:
+                    await loop.run_in_executor(self._housekeeping, self.exporter.reap)
+            except Exception:
+                log.warning("housekeeping failed", exc_info=True)
+
+    def stats_body(self) -> dict[str, Any]:
+        """This worker's counters plus identity, as served and as written to ``--stats-file``."""
+        body = asdict(self.stats)
+        body.update(
+            instance_id=self.instance_id,
+            role=self.opts.role,
+            pid=os.getpid(),
+            handoff=self.opts.handoff,
+            advertised_blocks=self.advertiser.advertised_blocks if self.advertiser else 0,
+            live_handoff_buffers=self.exporter.live_buffers if self.exporter else 0,
+            hot_cache={"entries": len(self.hot), "bytes": self.hot.nbytes} if self.hot is not None else None,
+            store=self.store.stats() if self.store is not None else None,
+        )
+        return body
+
+    def write_stats(self) -> None:
+        """Atomically rewrite ``--stats-file`` (tests and benchmarks read it)."""
+        path = self.opts.stats_file
+        if not path:
+            return
+        try:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump(self.stats_body(), fh, default=str)
+            os.replace(tmp, path)
+        except OSError:
+            log.warning("cannot write %s", path, exc_info=True)
+
+    async def stats_handler(self, request: Any, context: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """``<ns>.<component>.stats``: this worker's counters (one response)."""
+        body = self.stats_body()
+        if isinstance(request, dict) and request.get("op") == "reset":
+            self.stats = WorkerStats()
+        yield body
+
+    # ---- request handling ---------------------------------------------------------------------
+    def _handoff_mode(self, request: dict[str, Any]) -> str:
+        for a in request.get("annotations") or []:
+            if isinstance(a, str) and a.startswith(HANDOFF_ANNOTATION):
+                mode = a[len(HANDOFF_ANNOTATION) :]
+                if mode in MODES:
+                    return mode
+        return self.opts.handoff
+
+    async def generate(self, request: dict[str, Any], context: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """The ``generate`` endpoint: dispatch on role; errors end the stream with an error."""
+        self.stats.requests += 1
+        try:
+            if self.opts.role == "prefill":
+                yield await self._prefill(request)
+            else:
+                async for out in self._decode(request, context):
+                    yield out
+        except Exception as exc:
+            self.stats.errors += 1
+            log.exception("request failed")
+            yield {"token_ids": [], "finish_reason": f"error: {type(exc).__name__}: {exc}"}
+        finally:
+            self.write_stats()
+
+    def _run_prefill(self, tokens: list[int], save: bool = True) -> tuple[Any, Any]:
+        """Prefill with the best reuse at hand: this worker's hot cache or the shared store.
+
+        The engine computes at least the last prompt token (it needs its logits), so at most
+        ``len(tokens) - 1`` tokens are reused. Afterwards the prompt's KV joins the hot cache.
+        """
+        seq = None
+        hot_n, hot_kv = (0, None)
+        if self.hot is not None and len(tokens) > 1:
+            hot_n, hot_kv = self.hot.lookup(tokens, max_tokens=len(tokens) - 1)
+            if hot_n and self.store is not None:
+                # the store may hold a longer prefix (written by another worker): take the longer
+                if int(self.store.lookup(tokens[:-1])) > hot_n:
+                    hot_n, hot_kv = 0, None
+        try:
+            if hot_n:
+                seq = self.engine.start_with_kv(tokens, hot_kv)
+                seq.prompt_len = len(tokens)  # all of it is prompt (new full chunks still get saved)
+                self.stats.hot_hits += 1
+            else:
+                seq = self.engine.start(tokens)
+            st = self.engine.prefill(seq, save=save)
+            if self.hot is not None:
+                self.hot.insert(tokens, self.engine.export_kv(seq))
+        except BaseException:
+            if seq is not None:
+                self.engine.free(seq)
+            raise
+        return seq, st
+
+    def _account_prefill(self, st: Any) -> None:
+        self.stats.prompt_tokens += st.prompt_tokens
+        self.stats.reused_tokens += st.reused_tokens
+        self.stats.computed_tokens += st.computed_tokens
+        self.stats.ttft_s_total += st.ttft_s
+        self.stats.last = {
+            "prompt_tokens": st.prompt_tokens,
+            "reused_tokens": st.reused_tokens,
+            "computed_tokens": st.computed_tokens,
+            "ttft_s": st.ttft_s,
+            "load_s": st.load_s,
+            "compute_s": st.compute_s,
+        }
+
+    async def _prefill(self, request: dict[str, Any]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        tokens = [int(t) for t in request["token_ids"]]
+        mode = self._handoff_mode(request)
+        if mode == MODE_NIXL and self.exporter is None:
+            mode = MODE_STORE
+        if mode == MODE_STORE and self.store is None:
+            mode = MODE_NIXL if self.exporter is not None else MODE_STORE
+
+        def work() -> tuple[Any, dict[str, Any]]:
+            seq, st = self._run_prefill(tokens)
+            try:
+                if mode == MODE_NIXL:
+                    kv = self.engine.export_kv(seq)
+                    params = self.exporter.export(  # type: ignore[union-attr]
+                        kv, first_token=st.first_token, prompt_tokens=len(tokens), namespace=str(self.engine.namespace.model)
+                    )
+                    self.stats.handoff_nixl += 1
+                else:
+                    # Cache-mediated: the decode worker can only load what has landed.
+                    stored = 0
+                    if self.store is not None:
+                        self.engine.flush(timeout=60)
+                        stored = int(self.store.lookup(tokens))
+                        if self.advertiser is not None:
+                            self.advertiser.note_prompt(tokens)
+                    params = store_params(
+                        prompt_tokens=len(tokens), stored_tokens=stored, first_token=st.first_token,
+                        namespace=str(self.engine.namespace.model),
+                    )
+                    self.stats.handoff_store += 1
+            finally:
+                self.engine.free(seq)
+            return st, params
+
+        st, params = await loop.run_in_executor(self._pool, work)
+        self._account_prefill(st)
+        if mode == MODE_NIXL and self.advertiser is not None:
+            self._after_request(tokens)
+        return {
+            "token_ids": [st.first_token],
+            "disaggregated_params": {"kv_transfer_params": params},
+            "completion_usage": {
+                "prompt_tokens": len(tokens),
+                "completion_tokens": 1,
+                "total_tokens": len(tokens) + 1,
+                "prompt_tokens_details": {"cached_tokens": int(st.reused_tokens)},
+            },
+        }
+
+    def _after_request(self, tokens: list[int]) -> None:
+        """Once write-behind saves land, make sure the router hears about the prompt's chunks."""
+        if self.advertiser is None:
+            return
+
+        def job() -> None:
+            try:
+                self.engine.flush(timeout=60)
+                self.advertiser.note_prompt(tokens)
+            except Exception:
+                log.warning("advertising a prompt's chunks failed", exc_info=True)
+
+        self._housekeeping.submit(job)
+
+    def _start_decode(self, tokens: list[int], kv_params: dict[str, Any] | None) -> tuple[Any, int, int, int]:
+        """Return (sequence, first_token, reused_tokens, computed_tokens) for a decode request."""
+        mode = (kv_params or {}).get("mode")
+        if mode == MODE_NIXL:
+            try:
+                if self.importer is None:
+                    raise HandoffError("no NIXL importer in this worker")
+                t0 = time.perf_counter()
+                kv = self.importer.fetch(kv_params)  # type: ignore[arg-type]
+                if not _dtype_kv_ok(self.engine, kv) or kv.shape[2] != len(tokens):
+                    raise HandoffError(f"hand-off KV of shape {tuple(kv.shape)} does not fit a {len(tokens)}-token prompt")
+                first = int(kv_params["first_token"])  # type: ignore[index]
+                seq = self.engine.start_with_kv(tokens + [first], kv)
+                self.stats.handoff_nixl += 1
+                self.stats.last = {
+                    "prompt_tokens": len(tokens), "reused_tokens": len(tokens), "computed_tokens": 0,
+                    "handoff": MODE_NIXL, "handoff_s": time.perf_counter() - t0,
+                }
+                log.debug("nixl hand-off of %d tokens in %.1f ms", len(tokens), 1e3 * (time.perf_counter() - t0))
+                return seq, first, len(tokens), 0
+            except (HandoffError, KeyError, TypeError, ValueError) as exc:
+                self.stats.handoff_failures += 1
+                log.warning("NIXL hand-off failed, recomputing the prompt instead: %s", exc)
+        # store mode, no params (aggregated), or a failed direct hand-off
+        seq, st = self._run_prefill(tokens, save=self.opts.role == "aggregated")
+        if mode == MODE_STORE:
+            self.stats.handoff_store += 1
+            expect = (kv_params or {}).get("first_token")
+            if expect is not None and int(expect) != st.first_token:
+                log.warning("decode first token %d differs from the prefill worker's %d", st.first_token, expect)
+        self._account_prefill(st)
+        self.stats.last["handoff"] = mode or "none"
+        return seq, st.first_token, st.reused_tokens, st.computed_tokens
+
+    async def _decode(self, request: dict[str, Any], context: Any) -> AsyncIterator[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        tokens = [int(t) for t in request["token_ids"]]
+        stop = request.get("stop_conditions") or {}
+        max_tokens = int(stop.get("max_tokens") or self.opts.default_max_tokens)
+        min_tokens = int(stop.get("min_tokens") or 0)
+        stop_ids: set[int] = set()
+        if not stop.get("ignore_eos"):
+            stop_ids.update(int(t) for t in (request.get("eos_token_ids") or []))
+            stop_ids.update(int(t) for t in (stop.get("stop_token_ids_hidden") or []))
+        stop_ids.update(int(t) for t in (stop.get("stop_token_ids") or []))
+        prefill_result = request.get("prefill_result") or {}
+        kv_params = ((prefill_result.get("disaggregated_params") or {}).get("kv_transfer_params")) or None
+        cached = ((prefill_result.get("prompt_tokens_details") or {}).get("cached_tokens")) if prefill_result else None
+
+        seq, first, reused, _computed = await loop.run_in_executor(self._pool, self._start_decode, tokens, kv_params)
+        if cached is None:
+            cached = reused
+        generated = 0
+        finish: str | None = None
+        output: list[int] = []
+        try:
+            tok = first
+            while True:
+                generated += 1
+                output.append(tok)
+                self.stats.generated_tokens += 1
+                if generated >= min_tokens and tok in stop_ids:
+                    finish = "stop"
+                elif generated >= max_tokens or len(tokens) + generated >= self.engine.max_context:
+                    finish = "length"
+                elif context is not None and context.is_stopped():
+                    finish = "cancelled"
+                    self.stats.cancelled += 1
+                out: dict[str, Any] = {"token_ids": [tok]}
+                if finish:
+                    out["finish_reason"] = finish
+                    out["completion_usage"] = {
+                        "prompt_tokens": len(tokens),
+                        "completion_tokens": generated,
+                        "total_tokens": len(tokens) + generated,
+                        "prompt_tokens_details": {"cached_tokens": int(cached)},
+                    }
+                    yield out
+                    break
+                yield out
+                tok = await loop.run_in_executor(self._pool, self.engine.step, seq)
+        finally:
+            self.stats.last = {**self.stats.last, "output": output, "finish_reason": finish}
+            await loop.run_in_executor(self._pool, self.engine.free, seq)
+            if self.opts.role == "aggregated":
+                self._after_request(tokens)
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the worker entry point and the graph launcher."""
+    d = WorkerOptions()
+    p.add_argument("--model", default=d.model, help="model directory (or preset name; the frontend needs a directory)")
+    p.add_argument("--served-model-name", default=None, help="name clients use (default: the model path)")
+    p.add_argument("--namespace", default=d.namespace, help="Dynamo namespace")
+    p.add_argument("--store", default=None, help="shared store root (omit to run without the store)")
+    p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens, help="store chunk size (multiple of --block-size)")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="engine/router KV block size in tokens")
+    p.add_argument("--handoff", choices=MODES, default=d.handoff, help="prefill->decode KV hand-off mode")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences a worker's KV pool is sized for")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="paged KV pool size in tokens (default: max-num-seqs x context)")
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    p.add_argument("--no-events", dest="events", action="store_false", help="do not publish KV events")
+    p.add_argument("--journal-dir", default=None, help="shared-tier journal (default: <store>/.dynamo-journal/<namespace>)")
+    p.add_argument("--seed", type=int, default=d.seed, help="weights seed when --model is a preset")
+    p.add_argument("--stats-file", default=None, help="rewrite this JSON file with the worker's counters after each request")
+    p.add_argument("--hot-cache-mb", type=int, default=WorkerOptions.hot_cache_mb,
+                   help="worker-local prefix KV cache (router device tier); 0 disables it")
+
+
+def options_from_args(args: argparse.Namespace, role: str) -> WorkerOptions:
+    return WorkerOptions(
+        role=role, model=args.model, served_model_name=args.served_model_name, namespace=args.namespace,
+        store=args.store, chunk_tokens=args.chunk_tokens, block_size=args.block_size, handoff=args.handoff,
+        device=args.device, max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens,
+        default_max_tokens=args.default_max_tokens, events=args.events, journal_dir=args.journal_dir, seed=args.seed,
+        stats_file=args.stats_file, hot_cache_mb=args.hot_cache_mb,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dynamo_components.worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--role", choices=ROLES, default="aggregated")
+    p.add_argument("--component", default=None, help="Dynamo component (default: 'prefill' or 'backend')")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_worker_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"%(asctime)s %(levelname)s {args.role}[%(process)d] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    opts = options_from_args(args, args.role)
+    opts.component = args.component
+    if opts.role != "prefill" and Path(opts.model).is_dir() is False and opts.served_model_name is None:
+        log.warning("--model %s is not a directory: the frontend needs a model directory to tokenize", opts.model)
+    worker = VuaWorker(opts)
+    try:
+        import uvloop
+
+        uvloop.run(worker.serve())
+    except ImportError:  # pragma: no cover
+        asyncio.run(worker.serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,637 @@
+"""Capacity limits and eviction that keeps prefix chains contiguous and never breaks a reader.
+
+Rules the pruner follows (docs/LIFECYCLE.md has the full argument):
+
+* **Leaves first.** Within a namespace the blocks form a forest (a key's parent is in its
+  header, and in the "stored" access record). Each block is ranked by the best score of its
+  whole subtree (LRU: most recent access anywhere below it; LFU: most hits, then recency), ties
+  broken deepest-first. A parent therefore always ranks after all of its descendants, so any
+  prefix of the eviction order is closed under "children of" and unlinking in that order never
+  leaves a child whose parent is gone. Orphans (a subtree whose parent is already missing, which
+  no load can reach) and unreadable blocks go first.
+* **Readers are never broken.** Eviction is ``unlink``: a reader that already opened a block
+  keeps reading the old inode to the end (POSIX semantics, also on NFS via silly-rename), and
+  a reader that opens later gets ENOENT, which the store turns into a shorter prefix or a clean
+  miss. Nothing is ever truncated or rewritten in place.
+* **One pruner at a time per root.** Compaction and eviction run under ``flock`` on
+  ``<root>/access/prune.lock``, so two workers over the limit do not both evict.
+* **Bounded overshoot.** The root limit is checked and reserved atomically against a usage
+  ledger kept in the lock file, reset to the truth by every pruning scan; see
+  :class:`CapacityGuard` for the small window that remains and for namespace/group limits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Optional, Sequence
+
+from vua_nixl.audit import gc_temporaries
+from vua_nixl.errors import CorruptBlockError, VuaNixlError
+from vua_nixl.format import read_header_file
+from vua_nixl.lifecycle.accesslog import EVICTED, shared_log
+from vua_nixl.lifecycle.index import AccessIndex, read_ledger, root_lock, write_ledger
+from vua_nixl.paths import BLOCK_SUFFIX, StorePaths
+
+if TYPE_CHECKING:
+    from vua_nixl.store import KVStore
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["lru", "lfu", "ttl"]
+#: Called with (namespace fingerprint hex, keys) just before those blocks are unlinked.
+EvictCallback = Callable[[str, list[bytes]], None]
+
+
+class CapacityError(VuaNixlError):
+    """A single put is larger than the capacity it is allowed to use."""
+
+
+@dataclass
+class Block:
+    """One block file as the pruner sees it."""
+
+    fp: str
+    key: bytes
+    path: str
+    size: int
+    mtime: float
+    last: float = 0.0
+    hits: int = 0
+    parent: Optional[bytes] = None
+    corrupt: bool = False
+    under_corrupt: bool = False  # a descendant of a corrupt block: unreachable by any load
+    unknown: bool = False  # header unreadable for a reason other than corruption (e.g. EACCES)
+    orphan: bool = False
+    depth: int = 0
+    eff: tuple[float, ...] = ()
+    recent: float = 0.0  # latest access anywhere in this block's subtree (TTL uses it)
+
+    def sort_key(self) -> tuple[Any, ...]:
+        return (0 if (self.corrupt or self.orphan) else 1, self.eff, -self.depth)
+
+
+@dataclass
+class PruneReport:
+    """What one pruning round saw and did."""
+
+    scanned_chunks: int = 0
+    scanned_bytes: int = 0
+    evicted_chunks: int = 0
+    evicted_bytes: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)  # ttl / capacity / namespace / orphan / corrupt
+    per_namespace: dict[str, int] = field(default_factory=dict)
+    usage_after: int = 0
+    usage_after_ns: dict[str, int] = field(default_factory=dict)
+    inflight_bytes: int = 0
+    temporaries_removed: int = 0
+    records_folded: int = 0
+    seconds: float = 0.0
+    evicted: dict[str, list[bytes]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in vars(self).items() if k != "evicted"}
+        return d
+
+
+def scan_blocks(root: str | os.PathLike[str], fps: Optional[Sequence[str]] = None) -> list[Block]:
+    """Every published block under ``root`` (or under the namespaces ``fps``), with size and mtime."""
+    paths = StorePaths(root)
+    wanted = None if fps is None else set(fps)
+    out: list[Block] = []
+    for fp, _ in paths.namespaces():
+        if wanted is not None and fp not in wanted:
+            continue
+        for entry in paths.blocks(fp):
+            try:
+                key = bytes.fromhex(entry.name[: -len(BLOCK_SUFFIX)])
+                st = entry.stat()
+            except (ValueError, FileNotFoundError):
+                continue
+            out.append(Block(fp, key, entry.path, st.st_size, st.st_mtime))
+    return out
+
+
+def usage_by_namespace(root: str | os.PathLike[str]) -> dict[str, int]:
+    """Bytes of published blocks per namespace (a directory walk; not for the request path)."""
+    usage: dict[str, int] = defaultdict(int)
+    for b in scan_blocks(root):
+        usage[b.fp] += b.size
+    return dict(usage)
+
+
+#: Key under which :meth:`Pruner.usage` reports bytes of in-flight writes (temporaries).
+INFLIGHT = ""
+
+
+def inflight_bytes(root: str | os.PathLike[str]) -> int:
+    """Bytes held by temporaries: puts in flight (preallocated to full size) or left by crashes.
+
+    Counting them against the root limit makes other processes' writes visible *before* they
+    publish, which shrinks the overshoot window to the time between a put's capacity check and
+    its temp-file creation.
+    """
+    total = 0
+    for e in StorePaths(root).temporaries():
+        try:
+            total += e.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def fingerprints_of(namespaces: Iterable[Any], chunk_tokens: int) -> set[str]:
+    """Hex fingerprints of ``namespaces`` (e.g. every model / TP rank a tenant uses), for
+    ``group_max_bytes``: the tenant salt is inside the fingerprint, never on disk in clear."""
+    return {ns.fingerprint(chunk_tokens).hex() for ns in namespaces}
+
+
+def order_for_eviction(blocks: list[Block], policy: Policy) -> list[Block]:
+    """Blocks in eviction order: every block after all of its present descendants."""
+    by_ns: dict[str, list[Block]] = defaultdict(list)
+    for b in blocks:
+        by_ns[b.fp].append(b)
+    ordered: list[Block] = []
+    for fp, group in by_ns.items():
+        fpb = bytes.fromhex(fp)
+        by_key = {b.key: b for b in group}
+        children: dict[bytes, list[Block]] = defaultdict(list)
+        roots: list[Block] = []
+        for b in group:
+            if b.parent is not None and b.parent != fpb and b.parent in by_key and b.parent != b.key:
+                children[b.parent].append(b)
+            else:
+                b.orphan = b.parent is None or b.parent != fpb
+                roots.append(b)
+        visited: set[bytes] = set()
+        for r in roots:
+            # iterative post-order: depth on the way down, subtree score on the way up
+            stack: list[tuple[Block, bool]] = [(r, False)]
+            r.depth = 0
+            while stack:
+                node, done = stack.pop()
+                if done:
+                    kids = children.get(node.key, [])
+                    node.recent = max([node.last] + [k.recent for k in kids])
+                    if policy == "lfu":
+                        node.eff = max([(float(node.hits), node.last)] + [k.eff for k in kids])
+                    else:
+                        node.eff = (max([node.last] + [k.eff[0] for k in kids]),)
+                    continue
+                if node.key in visited:
+                    continue
+                visited.add(node.key)
+                stack.append((node, True))
+                for k in children.get(node.key, []):
+                    k.depth = node.depth + 1
+                    k.orphan = node.orphan or node.corrupt
+                    k.under_corrupt = node.corrupt or node.under_corrupt
+                    stack.append((k, False))
+        # a cycle is impossible for real keys; blocks only reachable through one are left alone
+        ordered.extend(b for b in group if b.key in visited)
+    ordered.sort(key=Block.sort_key)
+    return ordered
+
+
+class Pruner:
+    """Compacts the access logs and evicts by policy. Safe to run from any process or host.
+
+    ``max_bytes`` bounds the whole root; ``namespace_max_bytes`` maps namespace fingerprints
+    (hex) to their own bounds; ``group_max_bytes`` maps a name (e.g. a tenant) to a set of
+    fingerprints and one bound for their sum (the tenant salt is hashed into fingerprints, so a
+    tenant's limit is given by the fingerprints of its namespaces: see
+    :func:`fingerprints_of`). ``max_age_s``
+    evicts anything not accessed for that long (the ``ttl`` policy; also honoured under
+    ``lru``/``lfu`` when given). Over a limit, eviction goes down to ``low_water`` of it so
+    that pruning work is amortized over many puts. Each round also removes temporaries of dead
+    writers on this host and any older than ``tmp_max_age_s`` (they count against ``max_bytes``).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        max_bytes: Optional[int] = None,
+        namespace_max_bytes: Optional[dict[str, int]] = None,
+        group_max_bytes: Optional[dict[str, tuple[Iterable[str], int]]] = None,
+        policy: Policy = "lru",
+        max_age_s: Optional[float] = None,
+        low_water: float = 0.9,
+        log_idle_s: float = 60.0,
+        tmp_max_age_s: float = 3600.0,
+        on_evict: Sequence[EvictCallback] = (),
+    ):
+        if policy not in ("lru", "lfu", "ttl"):
+            raise ValueError(f"unknown eviction policy {policy!r} (lru, lfu, ttl)")
+        if policy == "ttl" and max_age_s is None:
+            raise ValueError("the ttl policy needs max_age_s")
+        if not 0.0 < low_water <= 1.0:
+            raise ValueError("low_water must be in (0, 1]")
+        self.root = os.fspath(root)
+        self.paths = StorePaths(root)
+        self.max_bytes = max_bytes
+        self.namespace_max_bytes = dict(namespace_max_bytes or {})
+        self.group_max_bytes = {name: (frozenset(fps), int(limit)) for name, (fps, limit) in (group_max_bytes or {}).items()}
+        self.policy: Policy = policy
+        self.max_age_s = max_age_s
+        self.low_water = low_water
+        self.log_idle_s = log_idle_s
+        self.tmp_max_age_s = tmp_max_age_s
+        self.on_evict: list[EvictCallback] = list(on_evict)
+        self.totals = PruneReport()
+
+    def usage(self) -> dict[str, int]:
+        """Bytes per namespace, plus in-flight temporaries under the key :data:`INFLIGHT`."""
+        u = usage_by_namespace(self.root)
+        u[INFLIGHT] = inflight_bytes(self.root)
+        return u
+
+    def run_once(self, need_bytes: int = 0, need_namespace: Optional[str] = None, now: Optional[float] = None) -> PruneReport:
+        """Compact logs, then evict what the limits and the TTL require to fit ``need_bytes`` more.
+
+        ``need_bytes`` is space a caller is about to write into ``need_namespace``; a periodic
+        run passes 0 and only acts when a limit is already exceeded (or blocks are past TTL).
+        """
+        shared_log(self.root).flush()  # this process's own recent hits count in this round
+        with root_lock(self.root) as fd:
+            return self.run_locked(fd, need_bytes, need_namespace, now)
+
+    def run_locked(self, lock_fd: int, need_bytes: int = 0, need_namespace: Optional[str] = None,
+                   now: Optional[float] = None) -> PruneReport:
+        """:meth:`run_once` for a caller that already holds :func:`root_lock` (``lock_fd``)."""
+        t0 = time.perf_counter()
+        now = time.time() if now is None else now
+        rep = PruneReport()
+        rep.temporaries_removed, _ = gc_temporaries(self.root, self.tmp_max_age_s, now=now)
+        idx = AccessIndex.load(self.root)
+        rep.records_folded = idx.fold_logs(self.root, consume=True, idle_s=self.log_idle_s)
+        blocks = scan_blocks(self.root)
+        self._join(idx, blocks)
+        rep.scanned_chunks = len(blocks)
+        rep.scanned_bytes = sum(b.size for b in blocks)
+        order = order_for_eviction([b for b in blocks if not b.unknown], "lfu" if self.policy == "lfu" else "lru")
+        victims: dict[bytes, tuple[Block, str]] = {}
+
+        for b in order:  # a corrupt block goes with its subtree (no load can reach it)
+            if b.corrupt or b.under_corrupt:
+                victims[b.key] = (b, "corrupt")
+        if self.max_age_s is not None:
+            cutoff = now - self.max_age_s
+            for b in order:  # subtree recency: a stale parent of a fresh child is kept
+                if b.recent < cutoff:
+                    victims.setdefault(b.key, (b, "ttl"))
+
+        usage_ns: dict[str, int] = defaultdict(int)
+        for b in blocks:
+            usage_ns[b.fp] += b.size
+        for b, _ in victims.values():
+            usage_ns[b.fp] -= b.size
+        for fp, limit in self.namespace_max_bytes.items():
+            extra = need_bytes if fp == need_namespace else 0
+            if usage_ns[fp] + extra > limit:
+                target = max(0, int(limit * self.low_water) - extra)
+                for b in order:
+                    if usage_ns[fp] <= target:
+                        break
+                    if b.fp == fp and b.key not in victims:
+                        victims[b.key] = (b, "orphan" if b.orphan else "namespace")
+                        usage_ns[fp] -= b.size
+        for name, (fps, limit) in self.group_max_bytes.items():
+            extra = need_bytes if need_namespace in fps else 0
+            used = sum(usage_ns[f] for f in fps)
+            if used + extra > limit:
+                target = max(0, int(limit * self.low_water) - extra)
+                for b in order:
+                    if used <= target:
+                        break
+                    if b.fp in fps and b.key not in victims:
+                        victims[b.key] = (b, "orphan" if b.orphan else "group")
+                        usage_ns[b.fp] -= b.size
+                        used -= b.size
+        rep.inflight_bytes = inflight_bytes(self.root)
+        if self.max_bytes is not None:
+            total = sum(usage_ns.values()) + rep.inflight_bytes
+            if total + need_bytes > self.max_bytes:
+                target = max(0, int(self.max_bytes * self.low_water) - need_bytes)
+                for b in order:
+                    if total <= target:
+                        break
+                    if b.key not in victims:
+                        victims[b.key] = (b, "orphan" if b.orphan else "capacity")
+                        usage_ns[b.fp] -= b.size
+                        total -= b.size
+
+        self._evict(order, victims, rep)
+        self._prune_index(idx, blocks, victims)
+        idx.save(self.root)
+        rep.usage_after_ns = {fp: n for fp, n in usage_ns.items() if n > 0}
+        rep.usage_after = sum(rep.usage_after_ns.values())
+        write_ledger(lock_fd, rep.usage_after + rep.inflight_bytes)  # the truth, as of this scan
+        rep.seconds = time.perf_counter() - t0
+        self._accumulate(rep)
+        if rep.evicted_chunks:
+            log.info("pruned %d chunks (%d bytes) from %s: %s", rep.evicted_chunks, rep.evicted_bytes, self.root, rep.reasons)
+        return rep
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _join(self, idx: AccessIndex, blocks: list[Block]) -> None:
+        """Attach recency, hit counts and parents; read a header only for a never-seen block."""
+        for b in blocks:
+            e = idx.blocks.get(b.fp, {}).get(b.key)
+            if e is None or e[2] is None:
+                try:
+                    h = read_header_file(b.path)
+                    if h.key != b.key:
+                        raise CorruptBlockError("key in header does not match the file name")
+                    e = idx.entry(b.fp, b.key)
+                    e[2] = h.parent
+                except FileNotFoundError:
+                    continue
+                except CorruptBlockError as exc:
+                    log.info("block %s is corrupt (%s): evicted with its subtree", b.path, exc)
+                    b.corrupt = True
+                    continue
+                except OSError as exc:
+                    # Cannot tell where it sits in its chain (permissions, I/O error): leave it
+                    # alone rather than risk orphaning its children. It still counts as usage.
+                    log.warning("block %s unreadable for pruning (%s): not evicted", b.path, exc)
+                    b.unknown = True
+                    continue
+            b.last = max(float(e[0]), b.mtime)
+            b.hits = int(e[1])
+            b.parent = e[2]
+
+    def _evict(self, order: list[Block], victims: dict[bytes, tuple[Block, str]], rep: PruneReport) -> None:
+        if not victims:
+            return
+        chosen = [b for b in order if b.key in victims]  # leaves first
+        in_order = {b.key for b in chosen}
+        chosen += [b for b, _ in victims.values() if b.key not in in_order]  # corrupt ones outside the forest
+        by_ns: dict[str, list[bytes]] = defaultdict(list)
+        for b in chosen:
+            by_ns[b.fp].append(b.key)
+        for fp, keys in by_ns.items():
+            for cb in self.on_evict:
+                try:
+                    cb(fp, keys)
+                except Exception:  # an observer must not stop eviction half way
+                    log.exception("eviction callback failed")
+        alog = shared_log(self.root)
+        for b in chosen:
+            reason = victims[b.key][1]
+            try:
+                os.unlink(b.path)
+            except FileNotFoundError:
+                continue  # removed by someone else meanwhile
+            except OSError as exc:
+                log.warning("cannot evict %s: %s", b.path, exc)
+                continue
+            alog.record(EVICTED, bytes.fromhex(b.fp), b.key)  # counted when the log is next folded
+            rep.evicted_chunks += 1
+            rep.evicted_bytes += b.size
+            rep.reasons[reason] = rep.reasons.get(reason, 0) + 1
+            rep.per_namespace[b.fp] = rep.per_namespace.get(b.fp, 0) + 1
+            rep.evicted.setdefault(b.fp, []).append(b.key)
+        alog.flush()
+
+    @staticmethod
+    def _prune_index(idx: AccessIndex, blocks: list[Block], victims: dict[bytes, tuple[Block, str]]) -> None:
+        present: dict[str, set[bytes]] = defaultdict(set)
+        for b in blocks:
+            if b.key not in victims:
+                present[b.fp].add(b.key)
+        for fp in list(idx.blocks):
+            keep = present.get(fp, set())
+            ns = idx.blocks[fp]
+            for key in [k for k in ns if k not in keep]:
+                del ns[key]
+            if not ns:
+                del idx.blocks[fp]
+
+    def _accumulate(self, rep: PruneReport) -> None:
+        t = self.totals
+        t.scanned_chunks, t.scanned_bytes, t.usage_after = rep.scanned_chunks, rep.scanned_bytes, rep.usage_after
+        t.evicted_chunks += rep.evicted_chunks
+        t.evicted_bytes += rep.evicted_bytes
+        t.records_folded += rep.records_folded
+        t.seconds += rep.seconds
+        for k, v in rep.reasons.items():
+            t.reasons[k] = t.reasons.get(k, 0) + v
+        for k, v in rep.per_namespace.items():
+            t.per_namespace[k] = t.per_namespace.get(k, 0) + v
+
+
+class BackgroundPruner:
+    """Runs :meth:`Pruner.run_once` every ``period_s`` seconds on a daemon thread.
+
+    Meant for a worker process (``start()`` at startup, ``stop()`` at shutdown). Errors are
+    logged and the next period tries again: pruning is maintenance, never a reason to die.
+    """
+
+    def __init__(self, pruner: Pruner, period_s: float = 60.0):
+        if period_s <= 0:
+            raise ValueError("period_s must be positive")
+        self.pruner = pruner
+        self.period_s = period_s
+        self.last_report: Optional[PruneReport] = None
+        self.runs = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "BackgroundPruner":
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="vua-nixl-pruner", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> "BackgroundPruner":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.last_report = self.pruner.run_once()
+                self.runs += 1
+            except Exception:
+                self.errors += 1
+                log.exception("background prune of %s failed", self.pruner.root)
+            self._stop.wait(self.period_s)
+
+
+class CapacityGuard:
+    """Store observer that makes room before a put writes anything.
+
+    **Root limit (``max_bytes``): check-and-reserve under the root lock.** ``before_write``
+    takes ``flock(<root>/access/prune.lock)``, reads the usage ledger kept in that file, and if
+    ``ledger + nbytes`` exceeds the limit runs the pruner right there (which rescans the root,
+    evicts down to its low-water mark and resets the ledger to the truth: blocks plus in-flight
+    temporaries); then it adds ``nbytes`` and releases the lock. Caller deletes subtract. Failed
+    or crashed puts leave the ledger too high, which only prunes early until the next scan.
+    What can still overshoot: a put that reserved but has not yet created its temporaries when
+    another process's pruning scan resets the ledger (a window of microseconds of CPU, longer
+    only if the process is descheduled), and writers that do not use a guard. One flock per put
+    costs a lock round trip, small next to writing a block.
+
+    **Namespace and group limits:** a usage estimate (this process's last scan, blocks and
+    temporaries, plus its own writes since), refreshed when older than ``refresh_s``, or when
+    within ``1 - rescan_fraction`` of a limit and older than ``near_refresh_s``. These can be
+    exceeded by what other processes start writing inside that stale window.
+
+    A put larger than any limit raises :class:`CapacityError` and writes nothing.
+    """
+
+    def __init__(self, pruner: Pruner, *, refresh_s: float = 2.0, rescan_fraction: float = 0.95, near_refresh_s: float = 0.1):
+        self.pruner = pruner
+        self.refresh_s = refresh_s
+        self.rescan_fraction = rescan_fraction
+        self.near_refresh_s = near_refresh_s
+        self._lock = threading.Lock()
+        self._usage: dict[str, int] = {}
+        self._scanned_at = float("-inf")
+        self._local = threading.local()  # this thread's reservation file, if any
+        self.evictions = 0
+        self.prunes = 0
+        self._stores: dict[str, "KVStore"] = {}
+        pruner.on_evict.append(self._notify)
+
+    def _limits(self, fp: str) -> list[tuple[Any, int]]:
+        """(scope, limit) pairs that apply to a put into namespace ``fp``: None is the whole
+        root, a str one namespace, a frozenset a group of namespaces."""
+        out: list[tuple[Any, int]] = []
+        if self.pruner.max_bytes is not None:
+            out.append((None, self.pruner.max_bytes))
+        if fp in self.pruner.namespace_max_bytes:
+            out.append((fp, self.pruner.namespace_max_bytes[fp]))
+        for fps, limit in self.pruner.group_max_bytes.values():
+            if fp in fps:
+                out.append((fps, limit))
+        return out
+
+    def _used(self, scope: Any) -> int:
+        if scope is None:
+            return sum(self._usage.values())
+        if isinstance(scope, frozenset):
+            return sum(self._usage.get(f, 0) for f in scope)
+        return self._usage.get(scope, 0)
+
+    def before_write(self, store: "KVStore", nbytes: int) -> None:
+        fp = store.fp_hex
+        limits = self._limits(fp)
+        if not limits:
+            return
+        for scope, limit in limits:
+            if nbytes > limit:
+                if scope is None:
+                    where = "the store root"
+                elif isinstance(scope, frozenset):
+                    where = "group " + next(n for n, (f, _) in self.pruner.group_max_bytes.items() if f == scope)
+                else:
+                    where = f"namespace {scope[:12]}"
+                raise CapacityError(f"put of {nbytes} bytes exceeds the capacity of {where} ({limit} bytes)")
+        with self._lock:
+            self._stores[fp] = store
+            scoped = [(sc, lim) for sc, lim in limits if sc is not None]
+            if scoped:
+                self._check_scoped(fp, nbytes, scoped)
+            if self.pruner.max_bytes is not None:
+                self._reserve(fp, nbytes, self.pruner.max_bytes)
+
+    def _reserve(self, fp: str, nbytes: int, limit: int) -> None:
+        """Root limit: check and reserve atomically against the shared ledger (one flock).
+
+        The reservation is also made visible as a sparse temporary of ``nbytes`` (it occupies no
+        blocks), so a pruning scan in another process that resets the ledger before this put has
+        created its own temporaries still counts it. It is removed when the put is published
+        (``on_stored``), by this thread's next put if this one failed, or by gc if we die.
+        """
+        self._drop_reservation()
+        with root_lock(self.pruner.root) as lock_fd:
+            used = read_ledger(lock_fd)
+            if used is None or used + nbytes > limit:  # no ledger yet, or full: scan and prune
+                self.pruner.run_locked(lock_fd, need_bytes=nbytes, need_namespace=fp)
+                self.prunes += 1
+                used = read_ledger(lock_fd) or 0
+            write_ledger(lock_fd, used + nbytes)
+            path = self.pruner.paths.tmp_file("reserve")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    os.ftruncate(fd, nbytes)
+                finally:
+                    os.close(fd)
+                self._local.reservation = path
+            except OSError as exc:  # the ledger alone still holds the reservation
+                log.debug("cannot create reservation file %s: %s", path, exc)
+
+    def _drop_reservation(self) -> None:
+        path = getattr(self._local, "reservation", None)
+        if path is not None:
+            self._local.reservation = None
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def on_stored(self, store: "KVStore", chunks: Sequence[Any]) -> None:
+        self._drop_reservation()  # the blocks are published: they count as themselves now
+
+    def _check_scoped(self, fp: str, nbytes: int, limits: list[tuple[Any, int]]) -> None:
+        """Namespace / group limits: a usage estimate refreshed by scans (see class docstring)."""
+        now = time.monotonic()
+        near = any(self._used(sc) + nbytes > self.rescan_fraction * lim for sc, lim in limits)
+        age = now - self._scanned_at
+        if age > self.refresh_s or (near and age > self.near_refresh_s):
+            self._usage = self.pruner.usage()
+            self._scanned_at = now
+        if any(self._used(sc) + nbytes > lim for sc, lim in limits):
+            rep = self.pruner.run_once(need_bytes=nbytes, need_namespace=fp)
+            self.prunes += 1
+            self._usage = {**rep.usage_after_ns, INFLIGHT: rep.inflight_bytes}
+            self._scanned_at = time.monotonic()
+        self._usage[fp] = self._usage.get(fp, 0) + nbytes
+
+    def on_removed(self, store: "KVStore", keys: Sequence[bytes], reason: str) -> None:
+        """A caller's delete frees ledger space (evictions reset the ledger by themselves)."""
+        if reason == "evict" or not keys or self.pruner.max_bytes is None:
+            return
+        with root_lock(self.pruner.root) as lock_fd:
+            used = read_ledger(lock_fd)
+            if used is not None:
+                write_ledger(lock_fd, used - len(keys) * store.file_bytes)
+
+    def _notify(self, fp: str, keys: list[bytes]) -> None:
+        """Tell the store (presence cache) and its observers (metrics, router events) about evictions."""
+        store = self._stores.get(fp)
+        self.evictions += len(keys)
+        if store is None:
+            return
+        forget = getattr(store, "_forget", None)
+        if forget is not None:
+            forget(keys)
+        for obs in store.observers:
+            if obs is not self and hasattr(obs, "on_removed"):
+                try:
+                    obs.on_removed(store, keys, "evict")
+                except Exception:
+                    log.exception("observer failed on eviction")
