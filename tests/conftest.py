@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see vua_nixl/__init__.py
+
+import logging
 import subprocess
 from pathlib import Path
 from typing import Iterator
