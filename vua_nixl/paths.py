@@ -5,6 +5,7 @@
     <root>/ns/<fingerprint>/<k0k1>/<k2k3>/<key>.kvb   one block per chunk key (hex)
     <root>/tmp/<key>.<host>.<pid>.<random>.tmp  in-flight writes; never read, removed by `gc`
     <root>/quarantine/<key>.<time>.kvb          blocks that failed validation, kept for inspection
+    <root>/.dynamo-journal/                     reserved for dynamo_components (shared-tier event journal)
 
 Two hex levels of fan-out give 65,536 leaf directories: 10 million chunks is ~150 files each.
 Temporaries live in one directory on the same file system so publish is one rename and `gc`
