@@ -16,6 +16,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -40,6 +41,8 @@ POSIX_ENGINES: dict[str, dict[str, str]] = {
     "sync": {},
 }
 _PROBE_BYTES = 8192
+_SPIN_POLLS = 2000
+_MAX_BACKOFF_S = 100e-6
 _REG_CACHE_ENTRIES = 8
 
 #: Test hook: called as hook(op, file_descs) before each transfer; raising simulates an I/O fault.
@@ -94,7 +97,9 @@ class NixlAgent:
         probe_dir: str | os.PathLike[str] | None = None,
         name: Optional[str] = None,
         direct_io: bool = False,
+        timeout_s: float = 120.0,
     ):
+        self.timeout_s = timeout_s
         self.name = name or f"vua-nixl-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.direct_io = direct_io
         self.fault_hook: Optional[FaultHook] = None
@@ -277,11 +282,21 @@ class NixlAgent:
             try:
                 state = self._agent.transfer(handle)
                 spins = 0
+                deadline = time.monotonic() + self.timeout_s
                 while state == "PROC":
                     state = self._agent.check_xfer_state(handle)
                     spins += 1
-                    if spins & 63 == 0:
-                        os.sched_yield()  # let the backend's threads run; never a fixed sleep
+                    # Spin first (a page-cache hit completes in microseconds), then back off in
+                    # growing steps capped at 100 us: no fixed sleep floor on any transfer, and a
+                    # long O_DIRECT read does not burn a core the engine needs.
+                    if spins > _SPIN_POLLS:
+                        time.sleep(min(_MAX_BACKOFF_S, 1e-6 * (spins - _SPIN_POLLS)))
+                        if time.monotonic() > deadline:
+                            raise TransferError(
+                                f"NIXL {op} of {len(mem_descs)} descriptors did not complete in {self.timeout_s:g} s"
+                            )
+                    elif spins & 63 == 0:
+                        os.sched_yield()
                 if state != "DONE":
                     raise TransferError(f"NIXL {op} of {len(mem_descs)} descriptors ended in state {state}")
             except TransferError:

@@ -38,6 +38,7 @@ class StoreConfig(BaseSettings):
     eviction: EvictionPolicy = Field(default="lru", description="policy used when over max_bytes")
     max_age_s: Optional[float] = Field(default=None, gt=0, description="TTL since last access (ttl policy, gc)")
     access_log: bool = Field(default=True, description="record hits in the shared access log")
+    transfer_timeout_s: float = Field(default=120.0, gt=0, description="a storage transfer not done by then is an error")
     agent_name: Optional[str] = Field(default=None, description="NIXL agent name; unique per process by default")
 
     @field_validator("root", mode="after")

@@ -168,6 +168,7 @@ class KVStore:
             probe_dir=self.paths.tmp,
             name=self.config.agent_name,
             direct_io=self.config.direct_io,
+            timeout_s=self.config.transfer_timeout_s,
         )
         self._direct = self.config.direct_io or self.agent.backend in ("GDS", "GDS_MT")
         self._vram_ok = self.agent.supports("VRAM_SEG") or self.agent.supports("VRAM")
