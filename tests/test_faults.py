@@ -175,6 +175,7 @@ def test_chaos_processes_kills_faults_and_a_byte_limit(tmp_path):
     assert sum(v for k, v in rep.faults.items() if k.startswith("planted_")) > 5
     assert rep.ops.get("put", 0) > 20 and rep.ops.get("get", 0) > 20 and rep.ops.get("evict", 0) > 0
     assert rep.chunks_removed_by_policy_or_caller > 0  # the byte limit made eviction happen
-    # Stated bound (docs/LIFECYCLE.md): other writers' puts inside one refresh window plus the
-    # in-flight puts; at this scale that is well under a quarter of the limit.
-    assert rep.max_overshoot <= cfg.max_bytes // 4, rep.max_overshoot
+    # The root limit is checked and reserved under the root lock against a shared ledger, with
+    # in-flight puts visible as temporaries (docs/LIFECYCLE.md): every worker here is guarded, so
+    # the design bound is 0; one chunk of slack keeps this test from being a scheduler lottery.
+    assert rep.max_overshoot <= 6144, rep.max_overshoot

@@ -75,6 +75,7 @@ class StoreObserver(Protocol):
     def on_miss(self, store: "KVStore", requested_tokens: int, matched_tokens: int) -> None: ...
     def on_removed(self, store: "KVStore", keys: Sequence[bytes], reason: str) -> None: ...
     def on_corrupt(self, store: "KVStore", path: str, reason: str) -> None: ...
+    def on_put_failed(self, store: "KVStore", nbytes: int, error: Exception) -> None: ...
 
 
 @dataclass
@@ -247,6 +248,10 @@ class KVStore:
             while len(self._presence) > limit:
                 self._presence.popitem(last=False)
 
+    def forget(self, keys: Iterable[bytes]) -> None:
+        """Drop keys from this process's presence cache (e.g. after another component evicted them)."""
+        self._forget(keys)
+
     def _forget(self, keys: Iterable[bytes]) -> None:
         with self._presence_lock:
             for k in keys:
@@ -306,8 +311,14 @@ class KVStore:
                 obs.before_write(self, len(todo) * self.file_bytes)
         jobs = list(todo.items())
         stored: list[StoredChunk] = []
-        for start in range(0, len(jobs), _MAX_FILES_PER_TRANSFER):
-            stored.extend(self._write_batch(plans, jobs[start : start + _MAX_FILES_PER_TRANSFER]))
+        try:
+            for start in range(0, len(jobs), _MAX_FILES_PER_TRANSFER):
+                stored.extend(self._write_batch(plans, jobs[start : start + _MAX_FILES_PER_TRANSFER]))
+        except Exception as exc:
+            for obs in self.observers:
+                if hasattr(obs, "on_put_failed"):
+                    obs.on_put_failed(self, len(todo) * self.file_bytes, exc)
+            raise
         self._remember((c.key for c in stored), time.monotonic())
         self._bump(puts=len(items), chunks_written=len(stored), chunks_skipped=skipped, bytes_written=len(stored) * self.file_bytes)
         for obs in self.observers:

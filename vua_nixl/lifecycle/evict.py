@@ -246,8 +246,9 @@ class Pruner:
 
     def usage(self) -> dict[str, int]:
         """Bytes per namespace, plus in-flight temporaries under the key :data:`INFLIGHT`."""
+        inflight = inflight_bytes(self.root)  # first: see run_locked
         u = usage_by_namespace(self.root)
-        u[INFLIGHT] = inflight_bytes(self.root)
+        u[INFLIGHT] = inflight
         return u
 
     def run_once(self, need_bytes: int = 0, need_namespace: Optional[str] = None, now: Optional[float] = None) -> PruneReport:
@@ -267,6 +268,10 @@ class Pruner:
         now = time.time() if now is None else now
         rep = PruneReport()
         rep.temporaries_removed, _ = gc_temporaries(self.root, self.tmp_max_age_s, now=now)
+        # In-flight bytes *before* the block walk: every reserved put then shows up in one count
+        # or the other (or both), never in neither. No put can reserve while we hold the lock,
+        # and a put drops its reservation file only after its blocks are published.
+        rep.inflight_bytes = inflight_bytes(self.root)
         idx = AccessIndex.load(self.root)
         rep.records_folded = idx.fold_logs(self.root, consume=True, idle_s=self.log_idle_s)
         blocks = scan_blocks(self.root)
@@ -312,7 +317,6 @@ class Pruner:
                         victims[b.key] = (b, "orphan" if b.orphan else "group")
                         usage_ns[b.fp] -= b.size
                         used -= b.size
-        rep.inflight_bytes = inflight_bytes(self.root)
         if self.max_bytes is not None:
             total = sum(usage_ns.values()) + rep.inflight_bytes
             if total + need_bytes > self.max_bytes:
@@ -486,8 +490,10 @@ class CapacityGuard:
     takes ``flock(<root>/access/prune.lock)``, reads the usage ledger kept in that file, and if
     ``ledger + nbytes`` exceeds the limit runs the pruner right there (which rescans the root,
     evicts down to its low-water mark and resets the ledger to the truth: blocks plus in-flight
-    temporaries); then it adds ``nbytes`` and releases the lock. Caller deletes subtract. Failed
-    or crashed puts leave the ledger too high, which only prunes early until the next scan.
+    temporaries); then it adds ``nbytes`` and releases the lock. Deletes do not subtract (a delete
+    unlinks before it can take the lock, so a scan in between would make the subtraction count
+    twice); they, and failed or crashed puts, leave the ledger too high, which only makes the
+    next put rescan early.
     What can still overshoot: a put that reserved but has not yet created its temporaries when
     another process's pruning scan resets the ledger (a window of microseconds of CPU, longer
     only if the process is descheduled), and writers that do not use a guard. One flock per put
@@ -596,6 +602,9 @@ class CapacityGuard:
     def on_stored(self, store: "KVStore", chunks: Sequence[Any]) -> None:
         self._drop_reservation()  # the blocks are published: they count as themselves now
 
+    def on_put_failed(self, store: "KVStore", nbytes: int, error: Exception) -> None:
+        self._drop_reservation()  # nothing was published: give the reserved bytes back now
+
     def _check_scoped(self, fp: str, nbytes: int, limits: list[tuple[Any, int]]) -> None:
         """Namespace / group limits: a usage estimate refreshed by scans (see class docstring)."""
         now = time.monotonic()
@@ -611,24 +620,13 @@ class CapacityGuard:
             self._scanned_at = time.monotonic()
         self._usage[fp] = self._usage.get(fp, 0) + nbytes
 
-    def on_removed(self, store: "KVStore", keys: Sequence[bytes], reason: str) -> None:
-        """A caller's delete frees ledger space (evictions reset the ledger by themselves)."""
-        if reason == "evict" or not keys or self.pruner.max_bytes is None:
-            return
-        with root_lock(self.pruner.root) as lock_fd:
-            used = read_ledger(lock_fd)
-            if used is not None:
-                write_ledger(lock_fd, used - len(keys) * store.file_bytes)
-
     def _notify(self, fp: str, keys: list[bytes]) -> None:
         """Tell the store (presence cache) and its observers (metrics, router events) about evictions."""
         store = self._stores.get(fp)
         self.evictions += len(keys)
         if store is None:
             return
-        forget = getattr(store, "_forget", None)
-        if forget is not None:
-            forget(keys)
+        store.forget(keys)
         for obs in store.observers:
             if obs is not self and hasattr(obs, "on_removed"):
                 try:

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Optional
 import msgpack
 
 from vua_nixl.audit import _pid_alive
+from vua_nixl.errors import VuaNixlError
 from vua_nixl.lifecycle.accesslog import (
     CORRUPT, EVICTED, HIT, MISS, REMOVED, STORED, Record, access_dir, iter_logs, parse_log_name, read_records,
 )
@@ -54,7 +55,14 @@ def root_lock(root: str | os.PathLike[str]) -> Iterator[int]:
     d.mkdir(parents=True, exist_ok=True)
     fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise VuaNixlError(
+                f"cannot lock {d / LOCK_NAME} ({exc.strerror}): capacity limits and pruning need a mount "
+                "with flock support (local, NFSv4, NFSv3 with lockd); elsewhere run one pruner only "
+                "(`vua-nixl prune --period 60` on one host) and give workers no max_bytes"
+            ) from None
         yield fd
     finally:
         os.close(fd)  # closing releases the lock, also if we are killed
