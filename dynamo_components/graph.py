@@ -182,6 +182,7 @@ class Graph:
         env.update(LOOPBACK_ENV)
         env["DYN_FILE_KV"] = str(self.discovery)
         env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # several torch processes share few cores: no spin-waits
         if self.spec.threads_per_worker:
             env["OMP_NUM_THREADS"] = str(self.spec.threads_per_worker)
         root = str(Path(__file__).resolve().parent.parent)
