@@ -388,3 +388,16 @@ def test_pipelined_reads_keep_strict_prefixes(store, monkeypatch, fault, expect)
     if expect:
         assert same_bytes(res.kv, kv[:, :, : res.tokens])
     assert store.stats()["io_errors"] == (0 if fault == "bitflip" else 1)
+
+
+def test_put_from_a_strided_view_without_copying(store):
+    """A paged cache's consecutive blocks are a view strided across layers and K/V."""
+    cache = make_kv(LAYOUT, torch.bfloat16, 8 * CHUNK, seed=13)  # [L, 2, 8 chunks, H, D]
+    view = cache[:, :, 2 * CHUNK : 5 * CHUNK]  # not contiguous, but contiguous from tokens inward
+    assert not view.is_contiguous()
+    from vua_nixl.kvlayout import to_canonical
+
+    assert to_canonical(view, LAYOUT, "bfloat16", 3 * CHUNK).data_ptr() == view.data_ptr()  # no copy
+    toks = torch.arange(3 * CHUNK)
+    store.put(toks, view)
+    assert same_bytes(store.get(toks).kv, view)

@@ -103,7 +103,16 @@ def to_canonical(kv: Any, layout: KVLayout, dtype: str, num_tokens: int) -> torc
     tokens_in_kv = t.shape[1 if layout.mla else 2]
     if tokens_in_kv != num_tokens:
         raise InvalidInputError(f"token count {num_tokens} does not match KV length {tokens_in_kv}")
-    return t.contiguous()
+    # The store addresses each (layer, K/V) segment through strides, so a view that is contiguous
+    # from the token dimension inward (e.g. consecutive blocks of a paged cache) needs no copy.
+    return t if _inner_contiguous(t, token_dim(layout)) else t.contiguous()
+
+
+def _inner_contiguous(t: torch.Tensor, tdim: int) -> bool:
+    inner = t.shape[tdim:]
+    return list(t.stride()[tdim:]) == list(torch.empty(inner, device="meta").stride()) and all(
+        s > 0 for s in t.stride()[:tdim]
+    )
 
 
 def from_canonical_layers(t: torch.Tensor, mla: bool) -> list[Any]:
@@ -130,7 +139,6 @@ def check_out(out: torch.Tensor, layout: KVLayout, dtype: str) -> int:
     tdim = token_dim(layout)
     if out.ndim != len(layout.token_shape()) or tuple(out.shape) != layout.shape(out.shape[tdim]):
         raise LayoutMismatchError(f"out shape {tuple(out.shape)} is not {_shape_doc(layout)} for this namespace")
-    inner: Sequence[int] = out.stride()[tdim:]
-    if list(inner) != list(torch.empty(out.shape[tdim:], device="meta").stride()):
+    if not _inner_contiguous(out, tdim):
         raise InvalidInputError("out must be contiguous from the token dimension inward")
     return int(out.shape[tdim])

@@ -93,8 +93,11 @@ class WriteBehindSaver:
                 return
             t0 = time.perf_counter()
             try:
-                slots = self.paged.slots(job.table, 0, job.n_tokens)
-                kv = self.paged.gather(slots)
+                # Consecutive blocks are one strided canonical view: the store reads straight
+                # from the paged cache (the blocks are retained until put returns). Else gather.
+                kv = self.paged.contiguous_view(job.blocks, job.n_tokens)
+                if kv is None:
+                    kv = self.paged.gather(self.paged.slots(job.table, 0, job.n_tokens))
                 stored = self.store.put(job.tokens, kv)
                 self.stats.saved_requests += 1
                 self.stats.saved_tokens += int(stored or 0)
