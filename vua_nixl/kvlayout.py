@@ -13,7 +13,7 @@ Validation happens here, before anything touches the store, so a bad call writes
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

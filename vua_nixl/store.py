@@ -348,7 +348,7 @@ class KVStore:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (_O_DIRECT if self._direct else 0)
         try:
             with arena.lock:
-                headers = arena.ensure(len(jobs) * self._payload_off)
+                arena.ensure(len(jobs) * self._payload_off)
                 mem_rows, file_rows = [], []
                 for j, (key, (pi, ci)) in enumerate(jobs):
                     plan = plans[pi]

@@ -230,7 +230,6 @@ def run_demo(opts: DemoOptions) -> int:
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(opts.questions)]
     results: list[RequestResult] = []
     total = len(questions) + opts.turns
-    table_rows: list[tuple[str, ...]] = []
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
         console=console,
