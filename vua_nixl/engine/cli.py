@@ -40,6 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
     opts = DemoOptions(
+        dtype=args.dtype,
         model=args.model,
         preset=args.preset,
         store=Path(args.store) if args.store else None,
@@ -101,4 +102,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-new-tokens", type=int, default=4, help="tokens generated per request (default: 4)")
     d.add_argument("--keep-store", action="store_true", help="do not empty the default store first")
     d.add_argument("--seed", type=int, default=0, help="preset weights seed")
+    d.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="model and KV dtype (default: the model's; float32 makes reuse and recompute agree token for token)")
     d.set_defaults(func=cmd_demo)

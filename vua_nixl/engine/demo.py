@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from vua_nixl.engine.engine import Engine
+from vua_nixl.dtypes import torch_dtype
 from vua_nixl.engine.modeldir import load_model_dir, make_model_dir
 from vua_nixl.engine.text import paragraph
 
@@ -65,6 +66,7 @@ class DemoOptions:
     max_new_tokens: int = 4
     keep_store: bool = False
     seed: int = 0
+    dtype: str | None = None  # run the model (and store its KV) in this dtype; default: the model's
 
 
 @dataclass
@@ -196,7 +198,7 @@ def run_demo(opts: DemoOptions) -> int:
         with console.status(f"building model preset {opts.preset} (random weights, seed {opts.seed}) ..."):
             make_model_dir(opts.preset, model_dir, seed=opts.seed)
     with console.status(f"loading {model_dir} ..."):
-        loaded = load_model_dir(model_dir)
+        loaded = load_model_dir(model_dir, dtype=torch_dtype(opts.dtype) if opts.dtype else None)
     engine = Engine(loaded)
     console.print(
         f"[bold]model[/] {model_dir}  ({engine.num_layers} layers, {engine.kv_heads} KV heads x {engine.head_dim}, "
