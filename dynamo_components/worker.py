@@ -147,13 +147,11 @@ class VuaWorker:
     # ---- setup ------------------------------------------------------------------------------
     def build_engine(self) -> None:
         """Load the model, open the store in the model's namespace, and build the engine."""
-        from vua_nixl.engine import Engine, load_model
+        from vua_nixl.engine import Engine, load_model, namespace_for
 
         o = self.opts
         loaded = load_model(o.model, device=o.device, seed=o.seed)
-        probe = Engine(loaded, device=o.device, block_size=o.block_size, num_blocks=1)
-        namespace = probe.namespace
-        del probe
+        namespace = namespace_for(loaded)
         ctx = int(loaded.max_context)
         kv_tokens = o.kv_cache_tokens or o.max_num_seqs * (ctx + o.block_size)
         num_blocks = -(-kv_tokens // o.block_size) + 1
