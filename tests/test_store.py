@@ -400,3 +400,13 @@ def test_put_from_a_strided_view_without_copying(store):
     toks = torch.arange(3 * CHUNK)
     store.put(toks, view)
     assert same_bytes(store.get(toks).kv, view)
+
+
+def test_puts_and_gets_spanning_several_transfer_batches(store, monkeypatch):
+    import vua_nixl.store as store_mod
+
+    monkeypatch.setattr(store_mod, "_MAX_FILES_PER_TRANSFER", 2)  # 5 chunks -> 3 write and 3 read batches
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=14)
+    assert store.put(TOKENS, kv) == 5 * CHUNK
+    assert store.stats()["chunks_written"] == 5
+    assert same_bytes(store.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])

@@ -20,9 +20,9 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
-from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple, Optional, Protocol, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -99,7 +99,6 @@ class StoreStats:
     io_errors: int = 0
     write_failures: int = 0
     load_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Plan:
@@ -312,8 +311,9 @@ class KVStore:
         jobs = list(todo.items())
         stored: list[StoredChunk] = []
         try:
-            for start in range(0, len(jobs), _MAX_FILES_PER_TRANSFER):
-                stored.extend(self._write_batch(plans, jobs[start : start + _MAX_FILES_PER_TRANSFER]))
+            with self._write_sources(plans, sorted({pi for _, (pi, _) in jobs})) as sources:
+                for start in range(0, len(jobs), _MAX_FILES_PER_TRANSFER):
+                    stored.extend(self._write_batch(plans, jobs[start : start + _MAX_FILES_PER_TRANSFER], sources))
         except Exception as exc:
             for obs in self.observers:
                 if hasattr(obs, "on_put_failed"):
@@ -326,20 +326,22 @@ class KVStore:
                 obs.on_stored(self, stored)
         return results
 
-    def _write_batch(self, plans: list[_Plan], jobs: list[tuple[bytes, tuple[int, int]]]) -> list[StoredChunk]:
-        used = sorted({pi for _, (pi, _) in jobs})
+    @contextmanager
+    def _write_sources(self, plans: list[_Plan], used: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """Memory the agent writes from, per plan: the KV itself, or a staging-pool copy of its
+        whole chunks when the agent cannot use it directly (made once per put, not per batch)."""
         bounce = [pi for pi in used if self._needs_bounce(plans[pi].mem)]
         tdim = token_dim(self.layout)
-        full = {pi: len(plans[pi].keys) * self.chunk_tokens for pi in bounce}  # whole chunks only
+        full = {pi: len(plans[pi].keys) * self.chunk_tokens for pi in bounce}
         with self._staging.carve([(self.layout.shape(full[pi]), self.dtype) for pi in bounce]) as bufs:
-            host_mem = {pi: plans[pi].mem for pi in used}
+            sources = {pi: plans[pi].mem for pi in used}
             for pi, buf in zip(bounce, bufs):
                 buf.copy_(plans[pi].mem.narrow(tdim, 0, full[pi]))
-                host_mem[pi] = buf
-            return self._write_batch_from(plans, jobs, host_mem)
+                sources[pi] = buf
+            yield sources
 
-    def _write_batch_from(self, plans: list[_Plan], jobs: list[tuple[bytes, tuple[int, int]]],
-                          host_mem: dict[int, torch.Tensor]) -> list[StoredChunk]:
+    def _write_batch(self, plans: list[_Plan], jobs: list[tuple[bytes, tuple[int, int]]],
+                     host_mem: dict[int, torch.Tensor]) -> list[StoredChunk]:
         arena = self._arenas["WRITE"]
         temps: list[str] = []
         fds: list[int] = []
@@ -349,12 +351,12 @@ class KVStore:
         try:
             with arena.lock:
                 arena.ensure(len(jobs) * self._payload_off)
-                mem_rows, file_rows = [], []
+                hdr_m, hdr_f, pay_m, pay_f = [], [], [], []
                 for j, (key, (pi, ci)) in enumerate(jobs):
                     plan = plans[pi]
                     src = host_mem[pi]
                     addrs = self._segment_addrs(src, ci)
-                    csum = checksum(_segments(addrs, self._seg_bytes))
+                    csum = self._chunk_checksum(src, ci, addrs)
                     parent = plan.keys[ci - 1] if ci > 0 else self.fingerprint
                     toks = plan.tokens[ci * self.chunk_tokens : (ci + 1) * self.chunk_tokens]
                     hdr = encode_header(self._expected(key, parent, toks).make_header(csum))
@@ -365,16 +367,17 @@ class KVStore:
                     temps.append(tmp)
                     fds.append(fd)
                     _preallocate(fd, self.file_bytes, tmp)
-                    mem_rows.append((hdr_addr, self._payload_off, 0))
-                    file_rows.append((0, self._payload_off, fd))
-                    mem_rows.extend((a, self._seg_bytes, src.device.index or 0) for a in addrs)
-                    file_rows.extend((self._payload_off + s * self._seg_bytes, self._seg_bytes, fd) for s in range(self._nseg))
+                    hdr_m.append((hdr_addr, self._payload_off, 0))
+                    hdr_f.append((0, self._payload_off, fd))
+                    pay_m.extend((a, self._seg_bytes, src.device.index or 0) for a in addrs)
+                    pay_f.extend((self._payload_off + s * self._seg_bytes, self._seg_bytes, fd) for s in range(self._nseg))
                     path = self.block_path(key)
                     chunks.append(StoredChunk(ci, key, parent, toks, self.file_bytes, path))
                 regs = self.agent.register_batch([(src, False) for src in host_mem.values()])
-                m, f = _coalesce(np.array(mem_rows, dtype=np.uint64), np.array(file_rows, dtype=np.uint64))
+                rows = [np.array(r, dtype=np.uint64) for r in (hdr_m, hdr_f, pay_m, pay_f)]
+                mem_type = self.agent.mem_type_of(next(iter(host_mem.values())))
                 with self.agent.files(fds):
-                    self.agent.transfer("WRITE", m, f, "DRAM")
+                    self._transfer_rows("WRITE", *rows, mem_type)
             for fd in fds:
                 if self.config.fsync:
                     os.fsync(fd)
@@ -565,13 +568,8 @@ class KVStore:
                 try:
                     with self.agent.files([fd for p in plans for fd in p.fds]):
                         for lo, hi in groups:
-                            hm, hf = _coalesce(hdr_m[lo:hi], hdr_f[lo:hi])
-                            pm, pf = _coalesce(pay_m[lo * self._nseg : hi * self._nseg], pay_f[lo * self._nseg : hi * self._nseg])
-                            if mem_type == "DRAM":  # headers and payloads in one request
-                                self.agent.transfer("READ", np.concatenate([hm, pm]), np.concatenate([hf, pf]), "DRAM")
-                            else:  # headers to host memory, payloads straight to the GPU (GDS)
-                                self.agent.transfer("READ", hm, hf, "DRAM")
-                                self.agent.transfer("READ", pm, pf, mem_type)
+                            seg = slice(lo * self._nseg, hi * self._nseg)
+                            self._transfer_rows("READ", hdr_m[lo:hi], hdr_f[lo:hi], pay_m[seg], pay_f[seg], mem_type)
                             checks.append(self._submit_check(jobs, lo, hi, arena, seg_addrs, len(groups) > 1))
                     reasons = [r for c in checks for r in (c.result() if hasattr(c, "result") else c)]
                 except TransferError as exc:
@@ -628,8 +626,7 @@ class KVStore:
             seg = slice(j * self._nseg, (j + 1) * self._nseg)
             try:
                 with self.agent.files([plan.fds[ci]]):
-                    self.agent.transfer("READ", hdr_m[j : j + 1], hdr_f[j : j + 1], "DRAM")
-                    self.agent.transfer("READ", pay_m[seg], pay_f[seg], mem_type)
+                    self._transfer_rows("READ", hdr_m[j : j + 1], hdr_f[j : j + 1], pay_m[seg], pay_f[seg], mem_type)
             except TransferError as exc:
                 log.warning("read of %s failed: %s; prefix ends at chunk %d", plan.paths[ci], exc, ci)
                 plan.n = ci
@@ -649,11 +646,7 @@ class KVStore:
                 header = decode_header(ctypes.string_at(arena.addr + j * self._payload_off, self._payload_off))
                 self._expected(plan.keys[ci], parent, toks).check(header)
                 if self.config.verify_checksums:
-                    if plan.mem.device.type == "cuda":
-                        got = checksum(_segments_cuda(plan.mem, self, ci))
-                    else:
-                        got = checksum(_segments(seg_addrs[j], self._seg_bytes))
-                    if got != header.checksum:
+                    if self._chunk_checksum(plan.mem, ci, seg_addrs[j]) != header.checksum:
                         raise CorruptBlockError("payload checksum mismatch")
                 reasons.append(None)
             except CorruptBlockError as exc:
@@ -719,8 +712,7 @@ class KVStore:
 
     def stats(self) -> dict[str, Any]:
         with self._stats_lock:
-            s = {k: v for k, v in vars(self._stats).items() if k != "extra"}
-            s.update(self._stats.extra)
+            s = dict(vars(self._stats))
         s.update(
             root=str(self.paths.root), namespace=self.fp_hex, chunk_tokens=self.chunk_tokens,
             chunk_bytes=self.chunk_bytes, backend=self.agent.backend, engine=self.agent.report.engine,
@@ -744,6 +736,25 @@ class KVStore:
             dtype=self.namespace.dtype, shape=self._chunk_shape, layout=self._layout_desc,
             payload_offset=self._payload_off, payload_len=self.chunk_bytes,
         )
+
+    def _transfer_rows(self, op: str, hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray,
+                       pay_f: np.ndarray, mem_type: str) -> None:
+        """Move block headers (always host memory) and payloads (host or GPU) of a batch."""
+        hm, hf = _coalesce(hdr_m, hdr_f)
+        pm, pf = _coalesce(pay_m, pay_f)
+        if mem_type == "DRAM":  # one request for everything
+            self.agent.transfer(op, np.concatenate([hm, pm]), np.concatenate([hf, pf]), "DRAM")
+        else:  # GDS: headers from host memory, payloads straight between GPU and storage
+            self.agent.transfer(op, hm, hf, "DRAM")
+            self.agent.transfer(op, pm, pf, mem_type)
+
+    def _chunk_checksum(self, t: torch.Tensor, chunk: int, addrs: np.ndarray) -> int:
+        """XXH3 of a chunk's payload as laid out in its file, from host or GPU memory."""
+        if t.device.type == "cuda":  # device pointers cannot be read from the host
+            c = self.chunk_tokens
+            host = t.narrow(token_dim(self.layout), chunk * c, c).contiguous().cpu()
+            return checksum([host.view(torch.uint8).numpy()])
+        return checksum(_segments(addrs, self._seg_bytes))
 
     def _segment_addrs(self, t: torch.Tensor, chunk: int) -> np.ndarray:
         """Addresses of chunk ``chunk``'s segments inside canonical tensor ``t``, in file order."""
@@ -787,12 +798,6 @@ class _Arena:
 def _segments(addrs: np.ndarray, seg_bytes: int) -> Iterable[Any]:
     for a in addrs.tolist():
         yield (ctypes.c_char * seg_bytes).from_address(a)
-
-
-def _segments_cuda(t: torch.Tensor, store: KVStore, chunk: int) -> Iterable[Any]:
-    c = store.chunk_tokens
-    view = t.narrow(token_dim(store.layout), chunk * c, c).contiguous().cpu()
-    yield view.view(torch.uint8).numpy()
 
 
 def _coalesce(mem: np.ndarray, fil: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
