@@ -173,7 +173,8 @@ class VUA:
     def _get_many(self, tokens_list: List[torch.Tensor], device: Any) -> List[Optional[ClosestKV]]:
         best: List[Optional[ClosestKV]] = [None] * len(tokens_list)
         for store in self._discover():
-            need = [i for i, t in enumerate(tokens_list) if store.lookup(t) > (len(best[i].tokens) if best[i] else 0)]
+            # lookup (stats only) is worth it just to skip a layout that cannot beat a match in hand
+            need = [i for i, t in enumerate(tokens_list) if best[i] is None or store.lookup(t) > len(best[i].tokens)]
             if not need:
                 continue
             results = store.get_many([tokens_list[i] for i in need], device=device)
