@@ -52,7 +52,7 @@ log = logging.getLogger("benchmarks.graph")
 
 def make_text(seed: int, approx_tokens: int, tokenizer: Any) -> str:
     """Deterministic English-like text of about ``approx_tokens`` tokens."""
-    from vua_nixl.engine.text import paragraph
+    from vua_nixl_engine.text import paragraph
 
     rng = random.Random(seed)
     parts: list[str] = []
@@ -62,7 +62,7 @@ def make_text(seed: int, approx_tokens: int, tokenizer: Any) -> str:
 
 
 def question(seed: int) -> str:
-    from vua_nixl.engine.text import sentence
+    from vua_nixl_engine.text import sentence
 
     return "\n\nQuestion: " + sentence(random.Random(10_000 + seed)) + "\nAnswer:"
 

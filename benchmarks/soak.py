@@ -5,7 +5,7 @@ Workers do random put / get / get_many / lookup / delete / evict; the parent SIG
 worker every --kill-interval seconds (and starts a replacement), plants truncated and bit-flipped
 block files under the readers every --plant-interval seconds; workers inject EIO and ENOSPC via
 the NIXL agent's fault hook. Every load is compared with the exact KV of its prefix. At the end
-the root is audited against every process's journal (see vua_nixl/lifecycle/chaos.py).
+the root is audited against every process's journal (see vua_nixl/testing/chaos.py).
 
     # smoke (about a minute with process start-up)
     .venv/bin/python benchmarks/soak.py
@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from vua_nixl.lifecycle.chaos import ChaosConfig, render, run_chaos
-from vua_nixl.lifecycle.cli import parse_size
+from vua_nixl.config import parse_size
+from vua_nixl.testing.chaos import ChaosConfig, render, run_chaos
 
 FILE_BYTES = 6144  # one chaos chunk: 4 KiB header area + 2 KiB of KV
 

@@ -1,6 +1,6 @@
 """Run several nixlbench configs through `vua-nixl bench storage` and summarize raw vs store.
 
-Thin wrapper around :func:`vua_nixl.bench.storage.run_storage_bench` for the numbers recorded in
+Thin wrapper around :func:`vua_nixl_bench.storage.run_storage_bench` for the numbers recorded in
 nixlbench_configs/README.md. Each config writes its own CSV/JSON/PNG under --out; the summary is a
 Markdown table of every point (raw GB/s, store GB/s, store/raw) plus the minimum ratio at blocks
 of 4 MiB and more, which is the issue's target (>= 0.9).
@@ -21,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from vua_nixl.bench.cli import parse_overrides
-from vua_nixl.bench.nbconfig import NixlbenchConfig, format_bytes
-from vua_nixl.bench.raw import RunOptions
-from vua_nixl.bench.storage import default_max_memory, run_storage_bench, write_outputs
+from vua_nixl_bench.bench_cli import parse_overrides
+from vua_nixl_bench.nbconfig import NixlbenchConfig, format_bytes
+from vua_nixl_bench.raw import RunOptions
+from vua_nixl_bench.storage import default_max_memory, run_storage_bench, write_outputs
 
 log = logging.getLogger("storage_matrix")
 

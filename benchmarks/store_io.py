@@ -41,10 +41,10 @@ def layout_for(mib: int) -> KVLayout:
 
 def segment_views(t: torch.Tensor, store: KVStore, chunk: int) -> list[memoryview]:
     """The chunk's segments inside canonical tensor t, as writable buffers, in file order."""
-    addrs = store._segment_addrs(t, chunk)
+    addrs = store.geometry.segment_addrs(t, chunk)
     import ctypes
 
-    return [memoryview((ctypes.c_char * store._seg_bytes).from_address(int(a))).cast("B") for a in addrs]
+    return [memoryview((ctypes.c_char * store.geometry.seg_bytes).from_address(int(a))).cast("B") for a in addrs]
 
 
 def median_time(fn, repeat: int, setup=None) -> float:
@@ -91,7 +91,7 @@ def bench_size(mib: int, total_mib: int, repeat: int, base: Path, direct: bool, 
             for i in range(n_chunks):
                 fd = os.open(rawdir / f"{i}.bin", wflags, 0o644)
                 try:
-                    os.pwritev(fd, segment_views(kv, store, i), store._payload_off)
+                    os.pwritev(fd, segment_views(kv, store, i), store.geometry.payload_off)
                 finally:
                     os.close(fd)
 
@@ -102,7 +102,7 @@ def bench_size(mib: int, total_mib: int, repeat: int, base: Path, direct: bool, 
             for i, p in enumerate(paths):
                 fd = os.open(p, flags)
                 try:
-                    n = os.preadv(fd, segment_views(out, store, i), store._payload_off)
+                    n = os.preadv(fd, segment_views(out, store, i), store.geometry.payload_off)
                     assert n == store.chunk_bytes
                 finally:
                     os.close(fd)

@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vua_nixl import KVStore  # noqa: E402
-from vua_nixl.engine import Engine, build_preset  # noqa: E402
+from vua_nixl_engine import Engine, build_preset  # noqa: E402
 
 SUFFIX = 16
 

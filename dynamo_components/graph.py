@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vua_nixl.errors import VuaNixlError
+
 log = logging.getLogger(__name__)
 
 #: Environment every process of a local graph gets (file discovery, TCP requests, ZMQ events).
@@ -99,7 +101,7 @@ def resolve_model_dir(model: str) -> str:
     ``$VUA_NIXL_MODELS`` (default ``~/.cache/vua-nixl/models``). The frontend needs a directory."""
     if Path(model).is_dir():
         return str(Path(model).resolve())
-    from vua_nixl.engine import make_model_dir
+    from vua_nixl_engine import make_model_dir
 
     cache = Path(os.environ.get("VUA_NIXL_MODELS", Path.home() / ".cache" / "vua-nixl" / "models"))
     return str(Path(make_model_dir(model, cache / model)).resolve())
@@ -120,7 +122,7 @@ class GraphSpec:
     namespace: str = "vua"
     http_host: str = "127.0.0.1"
     http_port: int = 0  # 0: pick a free port
-    chunk_tokens: int = 256
+    chunk_tokens: int | None = None  # None: the workers' store config (VUA_NIXL_CHUNK_TOKENS, else 256)
     block_size: int = 16
     handoff: str = "store"
     router_disk_weight: float | None = None  # Dynamo default 0.25 (external tier is credited like disk)
@@ -144,7 +146,7 @@ class _Proc:
     log_path: Path
 
 
-class GraphError(RuntimeError):
+class GraphError(VuaNixlError, RuntimeError):
     """The graph did not come up (the message names the process and the tail of its log)."""
 
 
@@ -250,10 +252,12 @@ class Graph:
         argv = [
             s.python, "-m", "dynamo_components.worker", "--role", role,
             "--model", self.model_dir, "--namespace", s.namespace,
-            "--chunk-tokens", str(s.chunk_tokens), "--block-size", str(s.block_size),
+            "--block-size", str(s.block_size),
             "--handoff", s.handoff, "--max-num-seqs", str(s.max_num_seqs),
             "--default-max-tokens", str(s.default_max_tokens),
         ]
+        if s.chunk_tokens is not None:
+            argv += ["--chunk-tokens", str(s.chunk_tokens)]
         if self.store:
             argv += ["--store", self.store]
         if s.served_model_name:
@@ -408,7 +412,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", default=d.namespace)
     p.add_argument("--http-host", default=d.http_host, help="frontend bind address (keep it on loopback)")
     p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens)
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="store chunk size for the workers (env VUA_NIXL_CHUNK_TOKENS; default 256)")
     p.add_argument("--block-size", type=int, default=d.block_size)
     p.add_argument("--handoff", choices=("store", "nixl"), default=d.handoff)
     p.add_argument(

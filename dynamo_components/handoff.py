@@ -40,6 +40,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from vua_nixl.errors import VuaNixlError
+
 log = logging.getLogger(__name__)
 
 MODE_STORE = "store"
@@ -50,7 +52,7 @@ MODES = (MODE_STORE, MODE_NIXL)
 _DONE_PREFIX = b"vua-done:"
 
 
-class HandoffError(RuntimeError):
+class HandoffError(VuaNixlError, RuntimeError):
     """The KV could not be handed over; the caller must recompute (never use partial KV)."""
 
 

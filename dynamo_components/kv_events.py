@@ -12,14 +12,14 @@ This module closes that gap:
   ``BlockRemoved`` with a ``medium``) into Dynamo's own ``KvEventPublisher`` in *relay mode*,
   the only public path that carries a storage tier (``publish_stored`` is device-only).
   ``EXTERNAL`` maps to the router's external tier, ``GPU`` to the device tier.
-* :class:`SharedTierJournal` is a per-worker append-only log of what was stored in (or evicted
-  from) the shared store. Every worker tails every other worker's log, so each worker
-  advertises *all* of the store's prefixes as its own external-tier blocks, which is exactly
-  what the shared store makes true. A restarted worker replays the logs and re-advertises the
-  store's contents (restart persistence extends to the router).
-* :class:`SharedTierAdvertiser` ties a store, a journal and a publisher together and
-  periodically re-validates what it advertised against ``store.lookup`` so evictions done by
-  anybody (``vua-nixl gc``, the capacity manager) turn into ``BlockRemoved`` events.
+* :class:`SharedTierAdvertiser` is a store observer that announces this worker's own puts at
+  once and follows the store root's shared access log (the lifecycle's one event log: every
+  process appends ``stored`` / ``evicted`` / ``removed`` / ``corrupt`` records) to announce
+  what *other* workers stored and withdraw what anyone evicted. So each worker advertises
+  *all* of the store's prefixes as its own external-tier blocks, which is exactly what the
+  shared store makes true. A restarted worker replays the compacted access index and
+  re-advertises the store's contents (restart persistence extends to the router). A bounded
+  background sweep re-checks advertised chunks against the files.
 
 Block identity: the router recomputes each block's *local* hash from the event's token ids
 (XXH3-64 over the block's tokens, i.e. ``compute_block_hash_for_seq(tokens, block_size)``);
@@ -30,21 +30,25 @@ the local hashes, so every worker names the same prefix block the same way.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
 import struct
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import xxhash
+
+from vua_nixl.errors import VuaNixlError
+from vua_nixl.format import read_header_file
+from vua_nixl.lifecycle.accesslog import CORRUPT, EVICTED, REMOVED, STORED, LogFollower
+from vua_nixl.lifecycle.index import AccessIndex
+from vua_nixl.store.observers import StoreObserver
 
 log = logging.getLogger(__name__)
 
@@ -277,116 +281,27 @@ class KvTierPublisher:
 
 
 # ------------------------------------------------------------------------------------------
-# Cross-worker journal
+# Advertiser: store + the root's access log + publisher
 # ------------------------------------------------------------------------------------------
 
 
 @dataclass
-class JournalRecord:
-    """One change to the shared store (a chunk stored, or chunks removed), keyed by chunk key."""
+class StoredRecord:
+    """A chunk known to be in the store: key, parent key (None for a prompt's first chunk), tokens."""
 
-    op: str  # "stored" | "removed"
-    keys: list[str]
-    parent: str | None = None
-    index: int = 0
+    key: str
+    parent: str | None
     tokens: list[int] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        if self.op == "stored":
-            body: dict[str, Any] = {
-                "op": "stored", "key": self.keys[0], "parent": self.parent, "index": self.index, "tokens": self.tokens,
-            }
-        else:
-            body = {"op": "removed", "keys": self.keys}
-        return json.dumps(body, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, line: str) -> "JournalRecord":
-        d = json.loads(line)
-        if d["op"] == "stored":
-            return cls("stored", [d["key"]], d.get("parent"), int(d.get("index", 0)), list(d.get("tokens", [])))
-        return cls("removed", list(d["keys"]))
-
-
-class SharedTierJournal:
-    """Append-only, one-file-per-writer log of shared-store changes under ``directory``.
-
-    One writer per file means no interleaved writes even on NFS (where ``O_APPEND`` from two
-    hosts is not atomic); readers tail every file and leave a trailing partial line for the
-    next read. The journal is advisory: it only steers routing. Whether KV may be *served* is
-    always decided by the store itself (checksummed, prefix-strict ``get``), so a lost or stale
-    record costs a routing decision, never a wrong answer.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str], writer_id: str | None = None) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.writer_id = writer_id or f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.path = self.directory / f"{self.writer_id}.jsonl"
-        self._fh = open(self.path, "a", encoding="utf-8")
-        self._offsets: dict[Path, int] = {}
-        self._lock = threading.Lock()
-
-    def append(self, records: Iterable[JournalRecord]) -> None:
-        """Append records (flushed, not fsynced: losing the tail only costs a routing hint)."""
-        lines = "".join(r.to_json() + "\n" for r in records)
-        if not lines:
-            return
-        with self._lock:
-            if self._fh.closed:
-                return
-            self._fh.write(lines)
-            self._fh.flush()
-
-    def read_new(self, include_own: bool = False) -> list[JournalRecord]:
-        """Records appended by other writers since the previous call (all of them at first)."""
-        out: list[JournalRecord] = []
-        try:
-            files = sorted(self.directory.glob("*.jsonl"))
-        except OSError:
-            return out
-        for path in files:
-            if path == self.path and not include_own:
-                continue
-            start = self._offsets.get(path, 0)
-            try:
-                with open(path, "rb") as fh:
-                    fh.seek(start)
-                    data = fh.read()
-            except OSError:
-                continue
-            end = data.rfind(b"\n")
-            if end < 0:
-                continue
-            for raw in data[: end + 1].splitlines():
-                if not raw.strip():
-                    continue
-                try:
-                    out.append(JournalRecord.from_json(raw.decode("utf-8")))
-                except (ValueError, KeyError, TypeError):
-                    log.warning("skipping a malformed journal line in %s", path)
-            self._offsets[path] = start + end + 1
-        return out
-
-    def close(self) -> None:
-        with self._lock:
-            self._fh.close()
-
-
-# ------------------------------------------------------------------------------------------
-# Advertiser: store + journal + publisher
-# ------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Chunk:
     parent: str | None  # parent chunk key (hex); None for a prompt's first chunk
-    index: int
     tokens: tuple[int, ...]
     hashes: list[int] | None = None  # chained block ids, once the parent's chain is known
 
 
-class SharedTierAdvertiser:
+class SharedTierAdvertiser(StoreObserver):
     """Keeps the router's view of this worker's shared-tier blocks equal to the store's contents.
 
     Sources of truth, all funnelled into one table of store chunks (by chunk key):
@@ -394,18 +309,22 @@ class SharedTierAdvertiser:
     * ``on_stored`` / ``on_removed``: :class:`vua_nixl.store.KVStore` observer hooks, called for
       chunks this process wrote or deleted (from the store's writer thread);
     * :meth:`note_prompt`: after a request, every stored chunk of its prompt, including chunks
-      written by processes that keep no journal;
-    * :meth:`poll_journal`: chunks other workers stored or removed;
-    * :meth:`validate`: chunks whose files disappeared (gc, eviction by another process).
+      written by processes that keep no access log;
+    * :meth:`poll_log`: chunks other processes stored, evicted, removed or quarantined, read from
+      the root's shared access log (the lifecycle's one event log; token ids come from the
+      block headers, so the log itself stays small and fixed-size);
+    * :meth:`replay`: at start-up, every chunk the compacted access index knows;
+    * :meth:`validate`: a bounded background sweep for chunks whose files disappeared without
+      a record this process saw (a log consumed before it was read, a crash).
 
     Each store chunk of ``chunk_tokens`` tokens is announced as ``chunk_tokens / block_size``
     router blocks, chained from the parent chunk's last block.
     """
 
-    def __init__(self, publisher: KvTierPublisher, store: Any, journal: SharedTierJournal | None = None) -> None:
+    def __init__(self, publisher: KvTierPublisher, store: Any, follower: LogFollower | None = None) -> None:
         self.publisher = publisher
         self.store = store
-        self.journal = journal
+        self.follower = follower
         self.block_size = publisher.block_size
         chunk = int(store.chunk_tokens)
         if chunk % self.block_size:
@@ -413,6 +332,7 @@ class SharedTierAdvertiser:
         self._chunks: dict[str, _Chunk] = {}
         self._pending: set[str] = set()  # chunks whose parent chain is not known yet
         self._lock = threading.RLock()
+        self._sweep: list[str] = []  # keys left to check in the current validation sweep
 
     # -- introspection -----------------------------------------------------------------
     @property
@@ -433,12 +353,12 @@ class SharedTierAdvertiser:
         recs = []
         for c in sorted(chunks, key=lambda c: c.index):
             parent = None if (c.index == 0 or c.parent == root) else c.parent.hex()
-            recs.append(JournalRecord("stored", [c.key.hex()], parent, int(c.index), [int(t) for t in c.tokens]))
-        self._apply(recs, journal=True)
+            recs.append(StoredRecord(c.key.hex(), parent, [int(t) for t in c.tokens]))
+        self._apply(recs)
 
     def on_removed(self, store: Any, keys: Sequence[bytes], reason: str) -> None:
         """Store hook: chunks this process deleted or evicted."""
-        self._remove([k.hex() for k in keys], journal=True)
+        self._remove([k.hex() for k in keys])
 
     # -- other sources -----------------------------------------------------------------
     def note_prompt(self, tokens: Sequence[int]) -> int:
@@ -457,31 +377,36 @@ class SharedTierAdvertiser:
             with self._lock:
                 if kh in self._chunks and self._chunks[kh].hashes is not None:
                     continue
-            recs.append(
-                JournalRecord(
-                    "stored", [kh], keys[i - 1].hex() if i else None, i, [int(t) for t in tokens[i * ct : (i + 1) * ct]]
-                )
-            )
-        return self._apply(recs, journal=True)
+            recs.append(StoredRecord(kh, keys[i - 1].hex() if i else None, [int(t) for t in tokens[i * ct : (i + 1) * ct]]))
+        return self._apply(recs)
 
-    def poll_journal(self) -> int:
-        """Apply other workers' journal records; returns how many chunks changed."""
-        if self.journal is None:
+    def poll_log(self) -> int:
+        """Apply what other processes recorded in the root's access log; returns chunks changed."""
+        if self.follower is None:
             return 0
-        recs = self.journal.read_new()
-        stored = [r for r in recs if r.op == "stored"]
-        changed = self._apply(stored, journal=False)
-        for r in recs:
-            if r.op == "removed":
-                changed += self._remove(r.keys, journal=False)
-        return changed
-
-    def validate(self) -> int:
-        """Withdraw chunks whose block file is gone (evicted by anyone); returns how many."""
+        recs = self.follower.read_new({STORED, EVICTED, REMOVED, CORRUPT})
         with self._lock:
-            keys = list(self._chunks)
+            new = [r.key for r in recs if r.kind == STORED and r.key.hex() not in self._chunks]
+        changed = self._apply(self._from_headers(new))
+        gone = [r.key.hex() for r in recs if r.kind != STORED]
+        return changed + self._remove(gone)
+
+    def replay(self) -> int:
+        """Start-up: advertise every chunk of this namespace that the compacted access index
+        knows, then whatever the logs add. Returns how many chunks were announced."""
+        idx = AccessIndex.load(self.store.paths.root)
+        keys = list(idx.blocks.get(self.store.fp_hex, {}))
+        return self._apply(self._from_headers(keys)) + self.poll_log()
+
+    def validate(self, limit: int = 256) -> int:
+        """Check up to ``limit`` advertised chunks (a rolling sweep over all of them) and withdraw
+        those whose block file is gone; returns how many were withdrawn."""
+        with self._lock:
+            if not self._sweep:
+                self._sweep = list(self._chunks)
+            batch, self._sweep = self._sweep[:limit], self._sweep[limit:]
         gone = []
-        for kh in keys:
+        for kh in batch:
             try:
                 if not os.path.exists(self.store.block_path(bytes.fromhex(kh))):
                     gone.append(kh)
@@ -489,7 +414,22 @@ class SharedTierAdvertiser:
                 gone.append(kh)
         if gone:
             log.info("withdrawing %d shared-tier chunks that left the store", len(gone))
-        return self._remove(gone, journal=True)
+        return self._remove(gone)
+
+    def _from_headers(self, keys: Sequence[bytes]) -> list[StoredRecord]:
+        """Tokens and parents of chunks other processes stored, from their block headers."""
+        out = []
+        root = self.store.fingerprint
+        for key in keys:
+            try:
+                h = read_header_file(self.store.block_path(key))
+            except (OSError, VuaNixlError):
+                continue  # gone already, or not a valid block: nothing to advertise
+            if h.key != key or h.namespace != root:
+                continue
+            toks = np.frombuffer(h.tokens, dtype="<i8").tolist()
+            out.append(StoredRecord(key.hex(), None if h.parent == root else h.parent.hex(), toks))
+        return out
 
     # -- core ---------------------------------------------------------------------------
     def _chain(self, chunk: _Chunk) -> list[int] | None:
@@ -510,22 +450,20 @@ class SharedTierAdvertiser:
         chunk.hashes = out
         return out
 
-    def _apply(self, recs: Sequence[JournalRecord], journal: bool) -> int:
+    def _apply(self, recs: Sequence[StoredRecord]) -> int:
         """Record chunks, announce those whose chain resolves (children wait for parents)."""
         ct = int(self.store.chunk_tokens)
         announce: list[tuple[int | None, list[int], tuple[int, ...]]] = []
-        new_recs: list[JournalRecord] = []
         with self._lock:
             for r in recs:
-                kh = r.keys[0]
+                kh = r.key
                 if len(r.tokens) != ct:
                     log.warning("ignoring a chunk record with %d tokens (chunk is %d)", len(r.tokens), ct)
                     continue
                 if kh in self._chunks:
                     continue
-                self._chunks[kh] = _Chunk(r.parent, r.index, tuple(r.tokens))
+                self._chunks[kh] = _Chunk(r.parent, tuple(r.tokens))
                 self._pending.add(kh)
-                new_recs.append(r)
             # Resolve until no progress: records may arrive child-first from different files.
             progress = True
             while progress and self._pending:
@@ -541,11 +479,9 @@ class SharedTierAdvertiser:
                         progress = True
         for parent_hash, hashes, toks in announce:
             self.publisher.stored_chain(parent_hash, hashes, toks, MEDIUM_SHARED)
-        if journal and self.journal is not None and new_recs:
-            self.journal.append(new_recs)
         return len(announce)
 
-    def _remove(self, keys: Sequence[str], journal: bool) -> int:
+    def _remove(self, keys: Sequence[str]) -> int:
         gone_hashes: list[int] = []
         gone_keys: list[str] = []
         with self._lock:
@@ -559,6 +495,4 @@ class SharedTierAdvertiser:
                     gone_hashes.extend(c.hashes)
         if gone_hashes:
             self.publisher.removed(gone_hashes, MEDIUM_SHARED)
-        if journal and self.journal is not None and gone_keys:
-            self.journal.append([JournalRecord("removed", gone_keys)])
         return len(gone_keys)

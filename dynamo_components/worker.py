@@ -41,7 +41,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal, Optional
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dynamo_components.handoff import (
     MODE_NIXL,
@@ -52,6 +55,8 @@ from dynamo_components.handoff import (
     NixlKvImporter,
     store_params,
 )
+from vua_nixl.config import add_config_flags, config_from_args
+from vua_nixl.errors import InvalidInputError
 
 log = logging.getLogger("dynamo_components.worker")
 
@@ -60,35 +65,44 @@ ROLES = ("aggregated", "prefill", "decode")
 HANDOFF_ANNOTATION = "vua_handoff="
 
 
-@dataclass
-class WorkerOptions:
-    """Everything a worker process needs; mirrors the command-line flags."""
+class WorkerConfig(BaseSettings):
+    """Everything a worker process needs. Each field is one flag (``--chunk-tokens``) and one
+    environment variable (``VUA_NIXL_WORKER_CHUNK_TOKENS``); the Dynamo namespace also reads
+    ``DYN_NAMESPACE``, which the Dynamo operator sets in every pod. Store tunables (backend,
+    limits, checksums...) are not repeated here: the store reads them from ``VUA_NIXL_*``."""
 
-    role: str = "aggregated"
-    model: str = "tiny"
-    served_model_name: str | None = None
-    namespace: str = "vua"
-    component: str | None = None
-    endpoint: str = "generate"
-    store: str | None = None
-    chunk_tokens: int = 256
-    block_size: int = 16
-    handoff: str = MODE_STORE
-    device: str = "cpu"
-    max_num_seqs: int = 4
-    kv_cache_tokens: int | None = None
-    default_max_tokens: int = 64
-    events: bool = True
-    journal_dir: str | None = None
-    journal_poll_s: float = 0.5
-    validate_s: float = 10.0
-    handoff_ttl_s: float = 60.0
-    seed: int = 0
-    stats_file: str | None = None
-    hot_cache_mb: int = 512
+    model_config = SettingsConfigDict(env_prefix="VUA_NIXL_WORKER_", extra="forbid", populate_by_name=True)
+
+    role: Literal["aggregated", "prefill", "decode"] = Field("aggregated", description="worker role")
+    model: str = Field("tiny", description="model directory (or preset name; the frontend needs a directory)")
+    served_model_name: Optional[str] = Field(None, description="name clients use (default: the model path)")
+    namespace: str = Field("vua", description="Dynamo namespace ($DYN_NAMESPACE when set)",
+                           validation_alias=AliasChoices("VUA_NIXL_WORKER_NAMESPACE", "DYN_NAMESPACE"))
+    component: Optional[str] = Field(None, description="Dynamo component (default: 'prefill' or 'backend')")
+    endpoint: str = Field("generate", description="Dynamo endpoint name")
+    store: Optional[str] = Field(None, description="shared store root (omit to run without the store)")
+    chunk_tokens: Optional[int] = Field(None, gt=0, description="store chunk size, a multiple of --block-size "
+                                        "(default: VUA_NIXL_CHUNK_TOKENS, else 256)")
+    block_size: int = Field(16, gt=0, description="engine/router KV block size in tokens")
+    handoff: Literal["store", "nixl"] = Field(MODE_STORE, description="prefill->decode KV hand-off mode")  # type: ignore[assignment]
+    device: str = Field("cpu", description="torch device")
+    max_num_seqs: int = Field(4, gt=0, description="sequences a worker's KV pool is sized for")
+    kv_cache_tokens: Optional[int] = Field(None, gt=0, description="paged KV pool size in tokens (default: max-num-seqs x context)")
+    default_max_tokens: int = Field(64, gt=0, description="max_tokens when a request gives none")
+    events: bool = Field(True, description="publish KV events")
+    log_poll_s: float = Field(0.5, gt=0, description="seconds between polls of the store's shared access log")
+    validate_s: float = Field(10.0, gt=0, description="seconds between bounded re-checks of advertised chunks")
+    handoff_ttl_s: float = Field(60.0, gt=0, description="seconds a NIXL hand-off buffer is kept for the decode side")
+    seed: int = Field(0, description="weights seed when --model is a preset")
+    stats_file: Optional[str] = Field(None, description="rewrite this JSON file with the worker's counters after each request")
+    hot_cache_mb: int = Field(512, ge=0, description="worker-local prefix KV cache (router device tier); 0 disables it")
 
     def component_name(self) -> str:
         return self.component or ("prefill" if self.role == "prefill" else "backend")
+
+
+#: The name the rest of the project (and its tests) used before the config was typed.
+WorkerOptions = WorkerConfig
 
 
 @dataclass
@@ -133,13 +147,13 @@ class VuaWorker:
         self.store: Any = None
         self.advertiser: Any = None
         self.publisher: Any = None
-        self.journal: Any = None
+        self.recorder: Any = None
         self.exporter: NixlKvExporter | None = None
         self.importer: NixlKvImporter | None = None
         self.instance_id: int | None = None
         self.hot: Any = None
         # Engine work is serialized by the engine's lock; a small pool lets a request's token
-        # stream, a flush and journal polling interleave without blocking the event loop.
+        # stream, a flush and access-log polling interleave without blocking the event loop.
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vua-worker")
         self._housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-house")
         self._stopping = asyncio.Event()
@@ -147,7 +161,7 @@ class VuaWorker:
     # ---- setup ------------------------------------------------------------------------------
     def build_engine(self) -> None:
         """Load the model, open the store in the model's namespace, and build the engine."""
-        from vua_nixl.engine import Engine, load_model, namespace_for
+        from vua_nixl_engine import Engine, load_model, namespace_for
 
         o = self.opts
         loaded = load_model(o.model, device=o.device, seed=o.seed)
@@ -156,11 +170,19 @@ class VuaWorker:
         kv_tokens = o.kv_cache_tokens or o.max_num_seqs * (ctx + o.block_size)
         num_blocks = -(-kv_tokens // o.block_size) + 1
         if o.store:
+            from vua_nixl.lifecycle.observers import AccessRecorder
             from vua_nixl.store import KVStore
 
-            if o.chunk_tokens % o.block_size:
-                raise ValueError(f"--chunk-tokens {o.chunk_tokens} must be a multiple of --block-size {o.block_size}")
-            self.store = KVStore(o.store, namespace, chunk_tokens=o.chunk_tokens)
+            # Every put, hit and miss goes to the root's shared access log: `vua-nixl stats`
+            # sees the workers' traffic, the pruner their recency, and other workers' shared-tier
+            # advertisers what this one stored.
+            self.recorder = AccessRecorder()
+            self.store = KVStore(o.store, namespace, chunk_tokens=o.chunk_tokens, observers=[self.recorder])
+            if self.store.chunk_tokens % o.block_size:
+                chunk = self.store.chunk_tokens
+                self.store.close()
+                raise InvalidInputError(f"chunk_tokens {chunk} (--chunk-tokens or VUA_NIXL_CHUNK_TOKENS) must be a "
+                                        f"multiple of --block-size {o.block_size}")
         self.engine = Engine(loaded, store=self.store, device=o.device, block_size=o.block_size, num_blocks=num_blocks)
         if o.hot_cache_mb > 0:
             from dynamo_components.hot_cache import HotPrefixCache
@@ -169,7 +191,7 @@ class VuaWorker:
         log.info(
             "engine ready: %s, %d layers, %d KV heads, block %d, %d blocks, store %s",
             loaded.model_id, self.engine.num_layers, self.engine.kv_heads, o.block_size, num_blocks,
-            f"{o.store} (chunk {o.chunk_tokens})" if o.store else "none",
+            f"{o.store} (chunk {self.store.chunk_tokens})" if self.store is not None else "none",
         )
 
     def _setup_events(self, endpoint: Any) -> None:
@@ -177,8 +199,8 @@ class VuaWorker:
             MEDIUM_DEVICE,
             KvTierPublisher,
             SharedTierAdvertiser,
-            SharedTierJournal,
         )
+        from vua_nixl.lifecycle.accesslog import LogFollower
 
         o = self.opts
         self.publisher = KvTierPublisher(endpoint, o.block_size)
@@ -190,12 +212,11 @@ class VuaWorker:
             self.hot.on_evict = lambda hashes: pub.removed(hashes, MEDIUM_DEVICE)
         if self.store is None:
             return
-        jdir = o.journal_dir or os.path.join(o.store, ".dynamo-journal", self.store.fp_hex)
-        self.journal = SharedTierJournal(jdir)
-        self.advertiser = SharedTierAdvertiser(self.publisher, self.store, self.journal)
+        follower = LogFollower(self.store.paths.root, self.store.fingerprint)
+        self.advertiser = SharedTierAdvertiser(self.publisher, self.store, follower)
         self.store.observers.append(self.advertiser)
-        n = self.advertiser.poll_journal()
-        log.info("shared tier: %d chunks replayed from %s", n, jdir)
+        n = self.advertiser.replay()
+        log.info("shared tier: %d chunks replayed from %s", n, self.store.paths.root)
 
     # ---- serving ----------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -275,7 +296,7 @@ class VuaWorker:
                 self.engine.close()
         except Exception:  # pragma: no cover - best effort at exit
             log.warning("engine close failed", exc_info=True)
-        for obj in (self.exporter, self.importer, self.publisher, self.journal):
+        for obj in (self.exporter, self.importer, self.publisher):
             try:
                 if obj is not None:
                     obj.close()
@@ -288,10 +309,12 @@ class VuaWorker:
         loop = asyncio.get_running_loop()
         last_validate = time.monotonic()
         while True:
-            await asyncio.sleep(self.opts.journal_poll_s)
+            await asyncio.sleep(self.opts.log_poll_s)
             try:
+                if self.recorder is not None:
+                    await loop.run_in_executor(self._housekeeping, self.recorder.flush)
                 if self.advertiser is not None:
-                    await loop.run_in_executor(self._housekeeping, self.advertiser.poll_journal)
+                    await loop.run_in_executor(self._housekeeping, self.advertiser.poll_log)
                     if time.monotonic() - last_validate > self.opts.validate_s:
                         last_validate = time.monotonic()
                         await loop.run_in_executor(self._housekeeping, self.advertiser.validate)
@@ -559,52 +582,31 @@ class VuaWorker:
 # ---- command line ---------------------------------------------------------------------------------
 
 
+#: Per-process flags the launcher sets itself (not shared by the graph launcher).
+PROCESS_FIELDS = ("role", "component", "endpoint")
+
+
 def add_worker_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by the worker entry point and the graph launcher."""
-    d = WorkerOptions()
-    p.add_argument("--model", default=d.model, help="model directory (or preset name; the frontend needs a directory)")
-    p.add_argument("--served-model-name", default=None, help="name clients use (default: the model path)")
-    p.add_argument("--namespace", default=d.namespace, help="Dynamo namespace")
-    p.add_argument("--store", default=None, help="shared store root (omit to run without the store)")
-    p.add_argument("--chunk-tokens", type=int, default=d.chunk_tokens, help="store chunk size (multiple of --block-size)")
-    p.add_argument("--block-size", type=int, default=d.block_size, help="engine/router KV block size in tokens")
-    p.add_argument("--handoff", choices=MODES, default=d.handoff, help="prefill->decode KV hand-off mode")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="sequences a worker's KV pool is sized for")
-    p.add_argument("--kv-cache-tokens", type=int, default=None, help="paged KV pool size in tokens (default: max-num-seqs x context)")
-    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
-    p.add_argument("--no-events", dest="events", action="store_false", help="do not publish KV events")
-    p.add_argument("--journal-dir", default=None, help="shared-tier journal (default: <store>/.dynamo-journal/<namespace>)")
-    p.add_argument("--seed", type=int, default=d.seed, help="weights seed when --model is a preset")
-    p.add_argument("--stats-file", default=None, help="rewrite this JSON file with the worker's counters after each request")
-    p.add_argument("--hot-cache-mb", type=int, default=WorkerOptions.hot_cache_mb,
-                   help="worker-local prefix KV cache (router device tier); 0 disables it")
+    """Flags shared by the worker entry point and the graph launcher: one per WorkerConfig field."""
+    add_config_flags(p, WorkerConfig, [f for f in WorkerConfig.model_fields if f not in PROCESS_FIELDS])
 
 
-def options_from_args(args: argparse.Namespace, role: str) -> WorkerOptions:
-    return WorkerOptions(
-        role=role, model=args.model, served_model_name=args.served_model_name, namespace=args.namespace,
-        store=args.store, chunk_tokens=args.chunk_tokens, block_size=args.block_size, handoff=args.handoff,
-        device=args.device, max_num_seqs=args.max_num_seqs, kv_cache_tokens=args.kv_cache_tokens,
-        default_max_tokens=args.default_max_tokens, events=args.events, journal_dir=args.journal_dir, seed=args.seed,
-        stats_file=args.stats_file, hot_cache_mb=args.hot_cache_mb,
-    )
+def options_from_args(args: argparse.Namespace, role: str) -> WorkerConfig:
+    return config_from_args(WorkerConfig, args, role=role)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynamo_components.worker", description=__doc__.split("\n\n")[0])
-    p.add_argument("--role", choices=ROLES, default="aggregated")
-    p.add_argument("--component", default=None, help="Dynamo component (default: 'prefill' or 'backend')")
+    add_config_flags(p, WorkerConfig, PROCESS_FIELDS)
     p.add_argument("-v", "--verbose", action="store_true")
     add_worker_arguments(p)
     args = p.parse_args(argv)
+    opts = config_from_args(WorkerConfig, args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format=f"%(asctime)s %(levelname)s {args.role}[%(process)d] %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {opts.role}[%(process)d] %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    opts = options_from_args(args, args.role)
-    opts.component = args.component
     if opts.role != "prefill" and Path(opts.model).is_dir() is False and opts.served_model_name is None:
         log.warning("--model %s is not a directory: the frontend needs a model directory to tokenize", opts.model)
     worker = VuaWorker(opts)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vua_nixl.bench.flags import CONFIG_FILE_KEYS, NIXLBENCH_FLAGS, check_value_type
-from vua_nixl.bench.nbconfig import ConfigError, NixlbenchConfig, parse_size
+from vua_nixl.config import parse_size
+from vua_nixl_bench.flags import CONFIG_FILE_KEYS, NIXLBENCH_FLAGS, check_value_type
+from vua_nixl_bench.nbconfig import ConfigError, NixlbenchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "nixlbench_configs"
@@ -80,7 +81,7 @@ def test_published_gds_run_is_encoded_exactly() -> None:
 
 
 def test_kv_shaped_configs_match_plan() -> None:
-    from vua_nixl.bench.plan import make_plan, resolve_model
+    from vua_nixl_bench.plan import make_plan, resolve_model
 
     cfg = NixlbenchConfig.from_toml(CONFIG_DIR / "kv_qwen3-32b_128k_gds_read.toml")
     plan = make_plan(resolve_model("qwen3-32b"), 131072)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from vua_nixl.bench.nbconfig import NixlbenchConfig
-from vua_nixl.bench.raw import BackendUnavailable, RawNixlBench, RunOptions
-from vua_nixl.bench.results import parse_nixlbench_output
-from vua_nixl.bench.storage import run_storage_bench
-from vua_nixl.bench.store_bench import store_shape_for
+from vua_nixl_bench.nbconfig import NixlbenchConfig
+from vua_nixl_bench.raw import BackendUnavailable, RawNixlBench, RunOptions
+from vua_nixl_bench.results import parse_nixlbench_output
+from vua_nixl_bench.storage import run_storage_bench
+from vua_nixl_bench.store_bench import store_shape_for
 
 TINY = dict(backend="POSIX", check_consistency=True, start_block_size=64 << 10, max_block_size=128 << 10,
             start_batch_size=1, max_batch_size=2, num_threads=2, total_buffer_size=1 << 20,
@@ -69,7 +69,7 @@ def test_read_check_detects_file_left_by_a_write(tmp_path: Path) -> None:
 
 
 def test_gds_config_refuses_without_fallback_and_runs_posix_with_it(tmp_path: Path) -> None:
-    from vua_nixl.bench.raw import cuda_available
+    from vua_nixl_bench.raw import cuda_available
 
     if cuda_available():
         pytest.skip("a GPU is present: GDS may genuinely work here")
@@ -110,7 +110,7 @@ def test_parse_nixlbench_output() -> None:
 
 
 def test_cli_with_fake_nixlbench_writes_csv_json_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from vua_nixl.bench.cli import main
+    from vua_nixl_bench.bench_cli import main
 
     fake = tmp_path / "bin" / "nixlbench"
     fake.parent.mkdir()
@@ -140,7 +140,7 @@ def test_cli_with_fake_nixlbench_writes_csv_json_png(tmp_path: Path, monkeypatch
 
 
 def test_cli_rejects_unknown_override(tmp_path: Path) -> None:
-    from vua_nixl.bench.cli import main
+    from vua_nixl_bench.bench_cli import main
 
     cfg_path = tmp_path / "c.toml"
     cfg_path.write_text(tiny().to_toml())

@@ -1,4 +1,4 @@
-"""KV events for the shared tier: block identity, the cross-worker journal, and Dynamo's router.
+"""KV events for the shared tier: block identity, following the root's access log, and Dynamo's router.
 
 The first tests are plain unit tests (no network). The ``dynamo``-marked ones talk to a real
 Dynamo runtime and ``KvRouter`` and run inside a private network namespace (the host-side run
@@ -14,8 +14,9 @@ import time
 
 import pytest
 import torch
+from netns import NetnsRunner, dynamo_importable, inside
 
-from dynamo_components.testing import NetnsRunner, dynamo_importable, inside
+from vua_nixl.lifecycle.observers import AccessRecorder
 
 BLOCK = 16
 CHUNK = 32
@@ -54,6 +55,12 @@ def make_store(root, observers=()):
     return KVStore(str(root), ns, chunk_tokens=CHUNK, observers=observers)
 
 
+def flush_logs(store) -> None:
+    from vua_nixl.lifecycle.accesslog import shared_log
+
+    shared_log(store.paths.root).flush()
+
+
 def kv_for(n: int) -> torch.Tensor:
     return torch.randn(2, 2, n, 2, 16).to(torch.bfloat16)
 
@@ -77,33 +84,45 @@ def test_block_hashes_match_the_routers():
     assert to_signed64(2**64 - 1) == -1 and to_signed64(5) == 5
 
 
-def test_journal_one_file_per_writer_and_partial_lines(tmp_path):
-    from dynamo_components.kv_events import JournalRecord, SharedTierJournal
+def test_log_follower_reads_each_writers_records_once_and_waits_for_torn_ones(tmp_path):
+    from vua_nixl.lifecycle.accesslog import EVICTED, STORED, AccessLog, LogFollower, pack
 
-    a, b = SharedTierJournal(tmp_path, "a"), SharedTierJournal(tmp_path, "b")
-    a.append([JournalRecord("stored", ["k1"], None, 0, [1, 2]), JournalRecord("removed", ["k0"])])
-    got = b.read_new()
-    assert [(r.op, r.keys) for r in got] == [("stored", ["k1"]), ("removed", ["k0"])]
-    assert got[0].tokens == [1, 2] and got[0].parent is None
-    assert b.read_new() == [] and a.read_new() == []  # own records are not re-read
-    with open(tmp_path / "c.jsonl", "w") as fh:  # a writer caught mid-line
-        fh.write('{"op":"removed","keys":["x"]}\n{"op":"rem')
-    assert [r.keys for r in b.read_new()] == [["x"]]
-    with open(tmp_path / "c.jsonl", "a") as fh:
-        fh.write('oved","keys":["y"]}\n')
-    assert [r.keys for r in b.read_new()] == [["y"]]
+    ns_a, ns_b = b"A" * 16, b"B" * 16
+    w1, w2 = AccessLog(tmp_path), AccessLog(tmp_path)
+    w1.record(STORED, ns_a, b"k" * 16, b"p" * 16)
+    w2.record(STORED, ns_b, b"x" * 16)  # another namespace: not ours
+    w1.flush()
+    w2.flush()
+    fol = LogFollower(tmp_path, ns_a)
+    got = fol.read_new()
+    assert [(r.kind, r.key, r.aux) for r in got] == [(STORED, b"k" * 16, b"p" * 16)]
+    assert fol.read_new() == []  # nothing is read twice
+    # a writer killed mid-record: the torn tail is left until it is whole
+    rec = pack(EVICTED, 1.0, ns_a, b"k" * 16)
+    with open(w1.path, "ab") as fh:
+        fh.write(rec[:20])
+    assert fol.read_new() == []
+    with open(w1.path, "ab") as fh:
+        fh.write(rec[20:])
+    assert [(r.kind, r.key) for r in fol.read_new()] == [(EVICTED, b"k" * 16)]
+    # a file the pruner consumed and deleted is forgotten, and a new one is read from its start
+    os.unlink(w1.path)
+    assert fol.read_new() == []
+    w1.record(STORED, ns_a, b"n" * 16)
+    w1.flush()
+    assert [r.key for r in fol.read_new()] == [b"n" * 16]
 
 
 @needs_dynamo
 def test_advertiser_follows_the_store_and_other_workers(tmp_path):
-    from dynamo_components.kv_events import SharedTierAdvertiser, SharedTierJournal, chained_block_hashes
+    from dynamo_components.kv_events import SharedTierAdvertiser, chained_block_hashes
+    from vua_nixl.lifecycle.accesslog import LogFollower
 
-    jdir = tmp_path / "journal"
     pub_a, pub_b = FakePublisher(), FakePublisher()
-    store_a = make_store(tmp_path / "store")
-    store_b = make_store(tmp_path / "store")
-    adv_a = SharedTierAdvertiser(pub_a, store_a, SharedTierJournal(jdir, "a"))
-    adv_b = SharedTierAdvertiser(pub_b, store_b, SharedTierJournal(jdir, "b"))
+    store_a = make_store(tmp_path / "store", [AccessRecorder()])
+    store_b = make_store(tmp_path / "store", [AccessRecorder()])
+    adv_a = SharedTierAdvertiser(pub_a, store_a, LogFollower(store_a.paths.root, store_a.fingerprint))
+    adv_b = SharedTierAdvertiser(pub_b, store_b, LogFollower(store_b.paths.root, store_b.fingerprint))
     store_a.observers.append(adv_a)
     store_b.observers.append(adv_b)
 
@@ -113,39 +132,43 @@ def test_advertiser_follows_the_store_and_other_workers(tmp_path):
     assert pub_a.all_stored() == want  # 3 chunks -> 6 router blocks, chained across chunks
     assert pub_a.stored[0][0] is None and pub_a.stored[1][0] == want[1]  # parent links
     assert all(m == "EXTERNAL" for *_, m in pub_a.stored)
-    # worker B learns about A's chunks from the journal and advertises them as its own
-    assert adv_b.poll_journal() == 3
+    # worker B learns about A's chunks from the root's access log (token ids from the block
+    # headers) and advertises them as its own
+    flush_logs(store_a)
+    assert adv_b.poll_log() == 3
     assert pub_b.all_stored() == want
     # B extends the prefix: only the new chunk is written and announced, chained to A's
     t2 = t[:96] + tokens(3, 40)
     assert store_b.put(t2, kv_for(136)) == 128
     assert pub_b.all_stored() == want + chained_block_hashes(t2[:128], BLOCK)[6:]
-    adv_a.poll_journal()
+    flush_logs(store_b)
+    assert adv_a.poll_log() == 1
     assert pub_a.all_stored() == chained_block_hashes(t2[:128], BLOCK)
     # note_prompt is idempotent for known chunks
     assert adv_a.note_prompt(t2) == 0
-    # eviction by this process -> removal here and, via the journal, at B
+    # removal by this process -> withdrawn here and, via the access log, at B
     assert store_a.delete(t2) == 4
     assert sorted(pub_a.removed_hashes) == sorted(chained_block_hashes(t2[:128], BLOCK))
-    adv_b.poll_journal()
+    flush_logs(store_a)
+    assert adv_b.poll_log() == 4
     assert sorted(pub_b.removed_hashes) == sorted(chained_block_hashes(t2[:128], BLOCK))
     assert adv_a.advertised_blocks == adv_b.advertised_blocks == 0
 
 
 @needs_dynamo
 def test_validate_withdraws_chunks_deleted_behind_our_back(tmp_path):
-    from dynamo_components.kv_events import SharedTierAdvertiser, SharedTierJournal, chained_block_hashes
+    from dynamo_components.kv_events import SharedTierAdvertiser, chained_block_hashes
 
     pub = FakePublisher()
     store = make_store(tmp_path / "store")
-    adv = SharedTierAdvertiser(pub, store, SharedTierJournal(tmp_path / "j", "a"))
+    adv = SharedTierAdvertiser(pub, store)
     t = tokens(4, 64)
-    other = make_store(tmp_path / "store")  # a process that keeps no journal (e.g. a batch job)
+    other = make_store(tmp_path / "store")  # a process that keeps no access log (e.g. a batch job)
     other.put(t, kv_for(64))
     assert adv.note_prompt(t) == 2  # found through lookup after a request
     assert pub.all_stored() == chained_block_hashes(t, BLOCK)
     os.unlink(store.block_path(store.keys_for(t)[1]))  # evicted by `vua-nixl gc` elsewhere
-    assert adv.validate() == 1
+    assert adv.validate(limit=1) + adv.validate(limit=1) == 1  # a bounded, rolling sweep
     assert pub.removed_hashes == chained_block_hashes(t, BLOCK)[2:]
     assert adv.advertised_blocks == 2
 
@@ -241,9 +264,9 @@ def test_router_sees_shared_tier_on_every_worker_and_removals(ns, tmp_path):
     from dynamo_components.kv_events import (
         KvTierPublisher,
         SharedTierAdvertiser,
-        SharedTierJournal,
         chained_block_hashes,
     )
+    from vua_nixl.lifecycle.accesslog import LogFollower
 
     os.environ.update(
         DYN_FILE_KV=str(tmp_path / "discovery"), DYN_TCP_RPC_HOST="127.0.0.1",
@@ -254,10 +277,10 @@ def test_router_sees_shared_tier_on_every_worker_and_removals(ns, tmp_path):
         loop = asyncio.get_running_loop()
         workers = await _workers(2, loop)
         advs, stores, pubs = [], [], []
-        for i, (_, ep) in enumerate(workers):
+        for _, ep in workers:
             pub = KvTierPublisher(ep, BLOCK)
-            store = make_store(tmp_path / "store")
-            adv = SharedTierAdvertiser(pub, store, SharedTierJournal(tmp_path / "journal", f"w{i}"))
+            store = make_store(tmp_path / "store", [AccessRecorder()])
+            adv = SharedTierAdvertiser(pub, store, LogFollower(store.paths.root, store.fingerprint))
             store.observers.append(adv)
             pubs.append(pub)
             stores.append(store)
@@ -281,15 +304,17 @@ def test_router_sees_shared_tier_on_every_worker_and_removals(ns, tmp_path):
             assert (await heavy.best_worker(t))[0] == ids[0]
             pubs[1].removed(chained_block_hashes(t, BLOCK)[:2], "GPU")
 
-            # Worker 1 learns worker 0's chunks through the shared journal: every worker can serve them.
-            advs[1].poll_journal()
+            # Worker 1 learns worker 0's chunks through the root's access log: every worker can serve them.
+            flush_logs(stores[0])
+            advs[1].poll_log()
             rows = await _wait_scores(router, t, lambda r: all(r.get(i, {}).get("disk_blocks") == 6 for i in ids))
             for i in ids:
                 assert rows[i]["disk_blocks"] == 6 and rows[i]["device_blocks"] == 0, rows
 
             # Eviction: worker 0 deletes the prefix; both workers withdraw it.
             stores[0].delete(t)
-            advs[1].poll_journal()
+            flush_logs(stores[0])
+            advs[1].poll_log()
             rows = await _wait_scores(router, t, lambda r: all(r.get(i, {}).get("disk_blocks", 0) == 0 for i in ids))
             for i in ids:
                 assert rows.get(i, {}).get("disk_blocks", 0) == 0, rows

@@ -1,6 +1,6 @@
 """A real Dynamo graph (stock frontend, KV router, runtime) serving vua-nixl workers.
 
-Everything runs inside a private network namespace (see dynamo_components.testing): the host-side
+Everything runs inside a private network namespace (see netns): the host-side
 run re-executes this file once under ``unshare -n`` and replays each test's outcome. One graph is
 shared by the whole file: 2 prefill workers + 1 decode worker on one shared store, the `tiny`
 model, 32-token store chunks, 16-token KV blocks. Tests run in file order; later ones kill
@@ -18,8 +18,7 @@ import time
 import urllib.error
 
 import pytest
-
-from dynamo_components.testing import NetnsRunner, inside
+from netns import NetnsRunner, inside
 
 pytestmark = [pytest.mark.dynamo, pytest.mark.slow]
 
@@ -72,7 +71,7 @@ def reference(graph):
     """Greedy reference outputs from an in-process engine on the same model directory."""
     if graph is None:
         return None
-    from vua_nixl.engine import Engine
+    from vua_nixl_engine import Engine
 
     eng = Engine.from_model(graph.model_dir)
 

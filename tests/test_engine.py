@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from vua_nixl import KVLayout, KVStore, Namespace
-from vua_nixl.engine import (
+from vua_nixl.errors import InvalidInputError
+from vua_nixl_engine import (
     Engine,
     ModelLoadError,
     OutOfBlocksError,
@@ -26,7 +27,6 @@ from vua_nixl.engine import (
     make_model_dir,
     namespace_for,
 )
-from vua_nixl.errors import InvalidInputError
 
 CHUNK = 32
 
@@ -189,38 +189,31 @@ def test_greedy_continuation_from_restored_kv_equals_in_memory(tiny_bf16, tmp_pa
         engine.close()
 
 
-@pytest.mark.parametrize("block_size", [16, 12])
-def test_reuse_vs_full_recompute(tiny_fp32, tmp_path, block_size):
-    """Prefill with a reused prefix agrees with a full recompute (fp32: tight tolerance)."""
-    engine = Engine(tiny_fp32, block_size=block_size)
-    doc = _prompt(150, seed=5)
+# (dtype fixture, block size, document tokens, question tail, new tokens, reused, logits tolerance)
+_REUSE_CASES = [
+    pytest.param("tiny_fp32", 16, 150, 13, 8, 128, 1e-4, 1e-4, id="fp32-block16"),
+    pytest.param("tiny_fp32", 12, 150, 13, 8, 128, 1e-4, 1e-4, id="fp32-block12"),
+    pytest.param("tiny_bf16", 16, 200, 20, 6, 192, 0.05, 0.1, id="bf16-block16"),
+]
+
+
+@pytest.mark.parametrize("model_fixture,block_size,doc_len,tail,new,reused,rtol,atol", _REUSE_CASES)
+def test_reuse_vs_full_recompute(request, tmp_path, model_fixture, block_size, doc_len, tail, new, reused, rtol, atol):
+    """Prefill with a reused prefix agrees with a full recompute (fp32 tight, bf16 loose) and
+    generates the same token ids."""
+    engine = Engine(request.getfixturevalue(model_fixture), block_size=block_size)
+    doc = _prompt(doc_len, seed=5)
     with _store(tmp_path, engine) as store:
         engine.attach_store(store)
         engine.generate(doc + _prompt(9, seed=6), max_new_tokens=1)  # writes the document's chunks
         engine.flush()
-        question = doc + _prompt(13, seed=7)
-        hit = engine.generate(question, max_new_tokens=8, stop_at_eos=False)
-        full = engine.generate(question, max_new_tokens=8, stop_at_eos=False, use_store=False, save=False)
-        assert hit.reused_tokens == 128 and hit.computed_tokens == len(question) - 128
+        question = doc + _prompt(tail, seed=7)
+        hit = engine.generate(question, max_new_tokens=new, stop_at_eos=False)
+        full = engine.generate(question, max_new_tokens=new, stop_at_eos=False, use_store=False, save=False)
+        assert hit.reused_tokens == reused and hit.computed_tokens == len(question) - reused
         assert full.reused_tokens == 0 and full.computed_tokens == len(question)
-        torch.testing.assert_close(hit.prefill.logits, full.prefill.logits, rtol=1e-4, atol=1e-4)
-        assert hit.token_ids == full.token_ids
-        engine.close()
-
-
-def test_reuse_vs_full_recompute_bf16(tiny_bf16, tmp_path):
-    engine = Engine(tiny_bf16)
-    doc = _prompt(200, seed=8)
-    with _store(tmp_path, engine) as store:
-        engine.attach_store(store)
-        engine.generate(doc, max_new_tokens=1)
-        engine.flush()
-        question = doc + _prompt(20, seed=9)
-        hit = engine.generate(question, max_new_tokens=6, stop_at_eos=False)
-        full = engine.generate(question, max_new_tokens=6, stop_at_eos=False, use_store=False, save=False)
-        assert hit.reused_tokens == 192
-        torch.testing.assert_close(hit.prefill.logits, full.prefill.logits, rtol=0.05, atol=0.1)
-        assert hit.token_ids == full.token_ids
+        torch.testing.assert_close(hit.prefill.logits, full.prefill.logits, rtol=rtol, atol=atol)
+        assert len(hit.token_ids) == new and hit.token_ids == full.token_ids
         engine.close()
 
 

@@ -17,12 +17,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import same_bytes
 
-from conftest import same_bytes
 from vua_nixl import KVStore, StoreRootError, TransferError
 from vua_nixl.audit import gc_temporaries
-from vua_nixl.lifecycle import chaos
-from vua_nixl.lifecycle.chaos import CHUNK, ChaosConfig, expected_kv, namespace, run_chaos
+from vua_nixl.testing import chaos
+from vua_nixl.testing.chaos import CHUNK, ChaosConfig, expected_kv, namespace, run_chaos
 
 
 def seq(seed: int, chunks: int) -> np.ndarray:
@@ -129,7 +129,7 @@ _KILLED_WRITER = textwrap.dedent("""
     import sys, time, numpy as np, logging
     logging.disable(logging.WARNING)
     from vua_nixl import KVStore
-    from vua_nixl.lifecycle.chaos import namespace, expected_kv, CHUNK
+    from vua_nixl.testing.chaos import namespace, expected_kv, CHUNK
     s = KVStore({root!r}, namespace(), chunk_tokens=CHUNK, backend="POSIX")
     t = np.random.default_rng(5).integers(0, 30_000, 6 * CHUNK, dtype=np.int64)
     def stall(op, descs):

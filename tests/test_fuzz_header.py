@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 
 from vua_nixl.errors import CorruptBlockError
 from vua_nixl.format import (
-    _PREFIX, FORMAT_VERSION, MAGIC, PREFIX_BYTES, BlockHeader, ExpectedBlock, decode_header, encode_header,
+    _PREFIX,
+    FORMAT_VERSION,
+    MAGIC,
+    PREFIX_BYTES,
+    BlockHeader,
+    ExpectedBlock,
+    decode_header,
+    encode_header,
 )
 
 SETTINGS = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from helpers import CHUNK, LAYOUT, make_kv, same_bytes
 
-from conftest import CHUNK, LAYOUT, make_kv, same_bytes
 from vua_nixl import KVStore, Namespace
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -19,18 +19,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import same_bytes
 from prometheus_client import generate_latest
 
-from conftest import same_bytes
 from vua_nixl import KVLayout, KVStore, Namespace
 from vua_nixl.lifecycle import (
-    AccessLog, BackgroundPruner, CapacityError, Lifecycle, Pruner, StoreMetrics, fingerprints_of, load_current,
-    order_for_eviction, usage_by_namespace,
+    AccessLog,
+    BackgroundPruner,
+    CapacityError,
+    Lifecycle,
+    Pruner,
+    StoreMetrics,
+    fingerprints_of,
+    load_current,
+    order_for_eviction,
+    usage_by_namespace,
 )
 from vua_nixl.lifecycle.accesslog import HIT, RECORD_BYTES, STORED, iter_logs, read_records
-from vua_nixl.lifecycle.audit import audit
-from vua_nixl.lifecycle.evict import Block
 from vua_nixl.lifecycle.index import compact
+from vua_nixl.lifecycle.pruner import Block
+from vua_nixl.lifecycle.usage_report import audit
 
 C = 16
 LAYOUT = KVLayout(num_layers=2, kv_heads=2, head_dim=8)
@@ -404,7 +412,7 @@ def cli_main(argv: list[str]) -> int:
     import argparse
 
     from vua_nixl import store_cli
-    from vua_nixl.lifecycle import cli as lifecycle_cli
+    from vua_nixl.lifecycle import prune_cli as lifecycle_cli
 
     parser = argparse.ArgumentParser(prog="vua-nixl")
     sub = parser.add_subparsers(dest="command")
@@ -494,7 +502,8 @@ def test_prometheus_metrics(root):
             f.seek(fb - 1)
             f.write(b"\xff")
         assert s.get(t2).tokens == C
-        v = lambda name: m1.value(name, s)
+        def v(name):
+            return m1.value(name, s)
         assert v("vua_nixl_chunks_written_total") == 6 and v("vua_nixl_bytes_written_total") == 6 * fb
         assert v("vua_nixl_hits_total") == 2 and v("vua_nixl_chunk_hits_total") == 4
         assert v("vua_nixl_misses_total") == 1 and v("vua_nixl_bytes_read_total") == 4 * s.chunk_bytes

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import same_bytes
 
-from conftest import same_bytes
 from vua_nixl import KVLayout, KVStore, Namespace
 from vua_nixl.audit import verify
 from vua_nixl.errors import CorruptBlockError
@@ -99,8 +99,7 @@ def test_tenant_salt_makes_prefixes_unfindable_and_unloadable(tmp_path):
 def _lying_block(store: KVStore, tokens: np.ndarray, index: int, lies: dict) -> str:
     """Write a block for chunk ``index`` with a self-consistent header that lies in ``lies``."""
     keys = store.keys_for(tokens)
-    parent = keys[index - 1] if index else store.fingerprint
-    exp = store._expected(keys[index], parent, tokens[index * C : (index + 1) * C])
+    exp = store.expected_block(index, tokens)
     header = exp.make_header(checksum=0)
     fields = header.to_fields()
     fields.update(lies)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vua_nixl.bench.plan import (
+from vua_nixl_bench.plan import (
     ModelShape,
     make_plan,
     nixlbench_config_for,
@@ -112,7 +112,7 @@ def test_unaligned_chunk_rounds_nixlbench_block_up() -> None:
 
 
 def test_plan_cli_json(capsys) -> None:
-    from vua_nixl.bench.cli import main
+    from vua_nixl_bench.bench_cli import main
 
     assert main(["plan", "--model", "deepseek-v3", "--tokens", "128k", "--tp", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -122,7 +122,7 @@ def test_plan_cli_json(capsys) -> None:
 
 
 def test_param_estimates_from_hf_configs() -> None:
-    from vua_nixl.bench.plan import estimate_params
+    from vua_nixl_bench.plan import estimate_params
 
     llama8b = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                    intermediate_size=14336, vocab_size=128256)

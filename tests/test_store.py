@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CHUNK, LAYOUT, make_kv, same_bytes
 
-from conftest import CHUNK, LAYOUT, make_kv, same_bytes
 from vua_nixl import (
     BackendUnavailableError,
     InvalidInputError,
@@ -363,10 +363,10 @@ def test_get_many_with_many_caller_buffers(store):
 
 @pytest.mark.parametrize("fault, expect", [("bitflip", 3), ("eio_once", 5), ("eio_persistent", 0)])
 def test_pipelined_reads_keep_strict_prefixes(store, monkeypatch, fault, expect):
-    import vua_nixl.store as store_mod
+    import vua_nixl.store.planning as store_mod
     from vua_nixl.errors import TransferError
 
-    monkeypatch.setattr(store_mod, "_PIPELINE_BYTES", 1)  # one chunk per sub-batch: fully pipelined
+    monkeypatch.setattr(store_mod, "PIPELINE_BYTES", 1)  # one chunk per sub-batch: fully pipelined
     kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=12)
     store.put(TOKENS, kv)
     assert same_bytes(store.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
@@ -403,9 +403,9 @@ def test_put_from_a_strided_view_without_copying(store):
 
 
 def test_puts_and_gets_spanning_several_transfer_batches(store, monkeypatch):
-    import vua_nixl.store as store_mod
+    import vua_nixl.store.planning as store_mod
 
-    monkeypatch.setattr(store_mod, "_MAX_FILES_PER_TRANSFER", 2)  # 5 chunks -> 3 write and 3 read batches
+    monkeypatch.setattr(store_mod, "MAX_FILES_PER_TRANSFER", 2)  # 5 chunks -> 3 write and 3 read batches
     kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=14)
     assert store.put(TOKENS, kv) == 5 * CHUNK
     assert store.stats()["chunks_written"] == 5

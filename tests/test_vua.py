@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
+from helpers import same_bytes
 
-from conftest import same_bytes
 from vua_nixl import VUA, ClosestKV, InvalidInputError, VUAConfig
 from vua_nixl.vua import SplitFactorError
 

@@ -24,13 +24,13 @@ from vua_nixl.errors import (  # noqa: E402
     VuaNixlError,
 )
 from vua_nixl.keys import KVLayout, Namespace  # noqa: E402
-from vua_nixl.store import GetResult, KVStore, StoredChunk  # noqa: E402
+from vua_nixl.store import GetResult, KVStore, StoredChunk, StoreObserver  # noqa: E402
 from vua_nixl.vua import VUA, ClosestKV, VUAConfig  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "KVStore", "GetResult", "StoredChunk", "Namespace", "KVLayout", "StoreConfig",
+    "KVStore", "GetResult", "StoredChunk", "StoreObserver", "Namespace", "KVLayout", "StoreConfig",
     "VUA", "VUAConfig", "ClosestKV",
     "VuaNixlError", "InvalidInputError", "LayoutMismatchError", "StoreRootError", "CorruptBlockError",
     "BackendUnavailableError", "TransferError",

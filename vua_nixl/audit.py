@@ -21,7 +21,7 @@ import xxhash
 from vua_nixl.agent import NixlAgent, aligned_empty
 from vua_nixl.errors import CorruptBlockError, TransferError
 from vua_nixl.format import checksum, decode_header
-from vua_nixl.paths import StorePaths, parse_tmp_name, this_host
+from vua_nixl.paths import StorePaths, parse_tmp_name, writer_gone
 
 log = logging.getLogger(__name__)
 _VERIFY_BATCH_BYTES = 256 << 20
@@ -213,7 +213,7 @@ def gc_temporaries(root: str | os.PathLike[str], max_age_s: float = 3600.0, now:
         except FileNotFoundError:
             continue
         owner = parse_tmp_name(entry.name)
-        dead = owner is not None and owner[0] == this_host() and not _pid_alive(owner[1])
+        dead = writer_gone(owner)
         if dead or now - st.st_mtime > max_age_s:
             try:
                 os.unlink(entry.path)
@@ -222,13 +222,3 @@ def gc_temporaries(root: str | os.PathLike[str], max_age_s: float = 3600.0, now:
             except FileNotFoundError:
                 pass
     return removed, nbytes
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

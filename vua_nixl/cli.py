@@ -1,28 +1,41 @@
 """`vua-nixl` command line.
 
-Each area of the project owns its subcommands in its own module and exposes
-``register(subparsers)``; this file only wires them together, so adding a command never
-means editing another team's code. Modules whose optional dependencies are missing are
-skipped with a debug log rather than breaking the whole CLI.
+The core owns its store and lifecycle commands (``info``, ``ls``, ``stats``, ``verify``, ``gc``,
+``prune``). Optional parts of the project (the demo engine, the bench tools, the Dynamo graph)
+add theirs through the ``vua_nixl.commands`` entry-point group declared in pyproject.toml, so
+the core never imports them by name and a storage node without them still has a working CLI.
+A part whose optional dependencies are missing is skipped with a debug log.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+from vua_nixl import store_cli
+from vua_nixl.errors import VuaNixlError
+from vua_nixl.lifecycle import prune_cli
 
 log = logging.getLogger(__name__)
 
-#: Modules that contribute subcommands, in help order.
-COMMAND_MODULES = (
-    "vua_nixl.store_cli",  # info, ls, stats, verify, gc
-    "vua_nixl.engine.cli",  # make-model, demo
-    "vua_nixl.bench.cli",  # plan, bench
-    "vua_nixl.lifecycle.cli",  # audit / prune helpers
-    "dynamo_components.cli",  # up
-)
+#: Entry-point group through which optional parts register subcommands: ``register(subparsers)``.
+COMMAND_GROUP = "vua_nixl.commands"
+_OUR_PACKAGES = {"vua_nixl", "vua_nixl_engine", "vua_nixl_bench", "dynamo_components"}
+
+
+def _plugins() -> list[Callable[[Any], None]]:
+    found = []
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        try:
+            found.append(ep.load())
+        except ImportError as exc:
+            if exc.name and exc.name.split(".")[0] in _OUR_PACKAGES:
+                raise  # a bug in the project, not a missing optional dependency
+            log.debug("commands from %s unavailable (optional dependency missing): %s", ep.value, exc)
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,15 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and (exc.name == name or name.startswith(exc.name + ".")):
-                continue  # that part of the project is not present in this build
-            log.debug("commands from %s unavailable: %s", name, exc)
-            continue
-        module.register(sub)
+    store_cli.register(sub)
+    prune_cli.register(sub)
+    for register in _plugins():
+        register(sub)
     return parser
 
 
@@ -56,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except VuaNixlError as exc:  # a clear message, never a traceback, for what we raise on purpose
+        log.error("%s", exc)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,11 +8,45 @@ arguments win over the environment, which wins over defaults.
 
 from __future__ import annotations
 
+import argparse
+import types
+import typing
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Iterable, Literal, Optional, TypeVar, Union
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vua_nixl.errors import InvalidInputError
+
+ENV_PREFIX = "VUA_NIXL_"
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_size(text: Any) -> int:
+    """``4096``, ``"4KiB"``, ``"1.5TiB"``, ``"500G"``, ``"1e6"`` -> bytes (K/M/G/T alone are binary).
+
+    The one size parser of the project: the CLI, the config (``VUA_NIXL_MAX_BYTES=500G``) and
+    the bench tools all accept the same spellings.
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        s = str(text).strip().replace("_", "")
+        i = len(s)
+        while i > 0 and s[i - 1].isalpha():
+            i -= 1
+        num, unit = s[:i].strip(), s[i:].strip().lower()
+        try:
+            value = int(float(num) * _UNITS[unit])
+        except (KeyError, ValueError):
+            raise InvalidInputError(f"not a size: {text!r} (examples: 500G, 1.5TiB, 1000000)") from None
+    if value <= 0:
+        raise InvalidInputError(f"size must be positive: {text!r}")
+    return value
+
 
 Backend = Literal["auto", "GDS", "GDS_MT", "POSIX"]
 PosixIO = Literal["auto", "uring", "aio", "posix_aio", "sync"]
@@ -34,17 +68,24 @@ class StoreConfig(BaseSettings):
     presence_ttl_s: float = Field(default=2.0, ge=0, description="how long a positive lookup is trusted")
     presence_entries: int = Field(default=200_000, ge=0, description="bound on the presence cache")
     tmp_max_age_s: float = Field(default=3600.0, ge=0, description="age after which gc removes temp files")
-    max_bytes: Optional[int] = Field(default=None, gt=0, description="capacity limit for the store root")
+    max_bytes: Optional[int] = Field(default=None, gt=0, description="capacity limit for the store root (e.g. 500G)")
     eviction: EvictionPolicy = Field(default="lru", description="policy used when over max_bytes")
     max_age_s: Optional[float] = Field(default=None, gt=0, description="TTL since last access (ttl policy, gc)")
     access_log: bool = Field(default=True, description="record hits in the shared access log")
     transfer_timeout_s: float = Field(default=120.0, gt=0, description="a storage transfer not done by then is an error")
     agent_name: Optional[str] = Field(default=None, description="NIXL agent name; unique per process by default")
+    low_water: float = Field(default=0.9, gt=0, le=1, description="over a limit, evict down to this fraction of it")
+    prune_period_s: float = Field(default=60.0, gt=0, description="seconds between background pruning rounds")
 
     @field_validator("root", mode="after")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> object:
+        return None if v is None or v == "" else parse_size(v)
 
     @field_validator("file_mode", mode="before")
     @classmethod
@@ -52,3 +93,61 @@ class StoreConfig(BaseSettings):
         if isinstance(v, str):
             return int(v, 8)
         return v
+
+
+# ---- command-line flags generated from config fields ---------------------------------------------
+
+C = TypeVar("C", bound=BaseSettings)
+
+
+def env_var(model: type[BaseSettings], name: str) -> str:
+    """The environment variable that sets field ``name`` of ``model``."""
+    return (str(model.model_config.get("env_prefix") or "") + name).upper()
+
+
+def _flag_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse keyword arguments for a field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if origin is Literal:
+        return str, {"choices": list(args)}
+    if annotation is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float):
+        return annotation, {}
+    return str, {}
+
+
+def add_config_flags(parser: argparse.ArgumentParser | Any, model: type[BaseSettings],
+                     fields: Optional[Iterable[str]] = None, *, flags: Optional[dict[str, str]] = None) -> None:
+    """One ``--flag`` per field of ``model`` (all, or ``fields``), named after the field (or
+    ``flags[field]``), with its env var and default in the help. Flags default to None so an
+    absent flag lets the environment (then the field default) decide."""
+    flags = flags or {}
+    for name in fields or model.model_fields:
+        info = model.model_fields[name]
+        ftype, extra = _flag_type(info.annotation)
+        if name == "max_bytes":
+            ftype = _size_arg
+        default = info.default if info.default is not None else "none"
+        help_ = f"{info.description or name} (env {env_var(model, name)}; default {default})"
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_.replace("%", "%%"), **extra}
+        if ftype is not None:
+            kwargs["type"] = ftype
+        parser.add_argument(flags.get(name, "--" + name.replace("_", "-")), **kwargs)
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def config_from_args(model: type[C], args: argparse.Namespace, **fixed: Any) -> C:
+    """``model`` built from the flags that were given (``add_config_flags``), then the
+    environment, then defaults; ``fixed`` values win over everything."""
+    given = {n: getattr(args, n) for n in model.model_fields if getattr(args, n, None) is not None}
+    return model(**{**given, **fixed})

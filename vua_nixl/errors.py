@@ -30,3 +30,14 @@ class BackendUnavailableError(VuaNixlError, RuntimeError):
 
 class TransferError(VuaNixlError, OSError):
     """A NIXL transfer did not complete. Data it touched must be treated as garbage."""
+
+
+class CapacityError(VuaNixlError):
+    """A single put is larger than the capacity it is allowed to use."""
+
+
+class SplitFactorError(InvalidInputError):
+    """VUA facade: a token count that is not a multiple of ``split_factor``."""
+
+    def __init__(self, n: int, split_factor: int):
+        super().__init__(f"{n} tokens is not a multiple of split_factor {split_factor}")

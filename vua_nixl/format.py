@@ -185,4 +185,4 @@ def read_header_file(path: str, span: Optional[int] = None) -> BlockHeader:
 
 
 def as_bytes_view(arr: np.ndarray) -> memoryview:
-    return memoryview(arr).cast("B")
+    return memoryview(arr).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers

@@ -5,7 +5,6 @@
     <root>/ns/<fingerprint>/<k0k1>/<k2k3>/<key>.kvb   one block per chunk key (hex)
     <root>/tmp/<key>.<host>.<pid>.<random>.tmp  in-flight writes; never read, removed by `gc`
     <root>/quarantine/<key>.<time>.kvb          blocks that failed validation, kept for inspection
-    <root>/.dynamo-journal/                     reserved for dynamo_components (shared-tier event journal)
 
 Two hex levels of fan-out give 65,536 leaf directories: 10 million chunks is ~150 files each.
 Temporaries live in one directory on the same file system so publish is one rename and `gc`
@@ -165,3 +164,19 @@ def parse_tmp_name(name: str) -> tuple[str, int] | None:
 
 def this_host() -> str:
     return _HOST
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a permission error means it does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def writer_gone(owner: tuple[str, int] | None) -> bool:
+    """Whether the writer named by a parsed file name (host, pid) is known to be dead."""
+    return owner is not None and owner[0] == this_host() and not pid_alive(owner[1])

@@ -6,34 +6,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-from tqdm import tqdm
-
 from vua_nixl.agent import NixlAgent, nixl_version
 from vua_nixl.audit import gc_temporaries, inventory, verify
-from vua_nixl.config import StoreConfig
-from vua_nixl.lifecycle.cli import add_limit_args, run_prune
+from vua_nixl.config import StoreConfig, add_config_flags, config_from_args
+from vua_nixl.lifecycle.prune_cli import add_limit_args, run_prune
 from vua_nixl.paths import StorePaths
+from vua_nixl.tables import print_table
+
+log = logging.getLogger(__name__)
+
+#: StoreConfig fields that choose and tune the NIXL agent (info, verify).
+AGENT_FIELDS = ("backend", "posix_io", "direct_io", "transfer_timeout_s")
 
 
 def _root_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", default=None, help="store root (default: $VUA_NIXL_ROOT or ~/.cache/vua-nixl/store)")
+    add_config_flags(p, StoreConfig, ["root"])
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _root(args: argparse.Namespace) -> str:
-    return os.fspath(args.root or StoreConfig().root)
+def _config(args: argparse.Namespace) -> StoreConfig:
+    return config_from_args(StoreConfig, args)
+
+
+def make_agent(cfg: StoreConfig, probe_dir: str | os.PathLike[str]) -> NixlAgent:
+    """The agent every command builds from one config (so VUA_NIXL_BACKEND etc. reach it)."""
+    return NixlAgent(cfg.backend, posix_io=cfg.posix_io, probe_dir=probe_dir, direct_io=cfg.direct_io,
+                     timeout_s=cfg.transfer_timeout_s)
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("info", help="NIXL version, plugins, and which backend `auto` picks and why")
-    p.add_argument("--root", default=None, help="directory to probe I/O in (default: the store root)")
-    p.add_argument("--backend", default=None, help="probe this backend instead of auto")
-    p.add_argument("--json", action="store_true")
+    _root_arg(p)
+    add_config_flags(p, StoreConfig, AGENT_FIELDS)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("ls", help="namespaces, chunks and bytes under a root")
@@ -47,40 +55,40 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("verify", help="re-check every block's header, key and checksum")
     _root_arg(p)
+    add_config_flags(p, StoreConfig, AGENT_FIELDS)
     p.add_argument("--remove", action="store_true", help="move bad blocks to quarantine/")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("gc", help="remove stale temporaries (and, with limits, evict)")
-    _root_arg(p)
-    p.add_argument("--tmp-max-age", type=float, default=None, help="seconds after which a temp file is stale")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     add_limit_args(p)
     p.set_defaults(func=cmd_gc)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    cfg = StoreConfig()
-    probe = StorePaths(args.root or cfg.root)
+    cfg = _config(args)
+    probe = StorePaths(cfg.root)
     probe.ensure()
-    agent = NixlAgent(args.backend or cfg.backend, posix_io=cfg.posix_io, probe_dir=probe.tmp, direct_io=cfg.direct_io)
-    info = agent.info()
-    agent.close()
+    agent = make_agent(cfg, probe.tmp)
+    try:
+        info = agent.info()
+    finally:
+        agent.close()
+    info["probe_dir"] = str(probe.tmp)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    con = Console()
-    con.print(f"NIXL {nixl_version()}  plugins: {', '.join(info['plugins'])}")
+    print(f"NIXL {nixl_version()}  plugins: {', '.join(info['plugins'])}")
     engine = f" ({info['engine']})" if info["engine"] else ""
-    con.print(f"[bold]selected backend:[/bold] {info['backend']}{engine}  memory: {', '.join(info['mem_types'])}")
+    print(f"selected backend: {info['backend']}{engine}  memory: {', '.join(info['mem_types'])}")
     for r in info["rejected"]:
-        con.print(f"  rejected {r['backend']}: {r['reason']}")
-    con.print(f"probe directory: {probe.tmp}")
+        print(f"  rejected {r['backend']}: {r['reason']}")
+    print(f"probe directory: {probe.tmp}")
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    root = _root(args)
-    with tqdm(desc="scanning", unit=" blocks", disable=args.json, leave=False) as bar:
-        inv = inventory(root, progress=bar.update)
+    inv = inventory(_config(args).root)
     if args.json:
         print(json.dumps({
             "root": inv.root, "chunks": inv.chunks, "bytes": inv.bytes, "temporaries": inv.temporaries,
@@ -88,26 +96,29 @@ def cmd_ls(args: argparse.Namespace) -> int:
             "namespaces": [{"fingerprint": n.fingerprint, "chunks": n.chunks, "bytes": n.bytes, **n.description} for n in inv.namespaces],
         }, indent=2, default=str))
         return 0
-    table = Table(title=f"{inv.root}: {inv.chunks} chunks, {inv.bytes / 2**20:.1f} MiB")
-    for col in ("namespace", "model", "dtype", "layout", "tp", "chunk", "chunks", "MiB"):
-        table.add_column(col)
+    rows = []
     for n in inv.namespaces:
         d = n.description
         lay = d.get("layout", {})
-        table.add_row(
-            n.fingerprint[:12], str(d.get("model")), str(d.get("dtype")),
+        rows.append((
+            n.fingerprint[:12], d.get("model"), d.get("dtype"),
             f"L{lay.get('num_layers')} H{lay.get('kv_heads')} D{lay.get('head_dim')}{' MLA' if lay.get('mla') else ''}",
-            f"{d.get('tp_rank')}/{d.get('tp_size')}", str(d.get("chunk_tokens")), str(n.chunks), f"{n.bytes / 2**20:.1f}",
-        )
-    Console().print(table)
+            f"{d.get('tp_rank')}/{d.get('tp_size')}", d.get("chunk_tokens"), n.chunks, f"{n.bytes / 2**20:.1f}",
+        ))
+    print_table(("namespace", "model", "dtype", "layout", "tp", "chunk", "chunks", "MiB"), rows,
+                f"{inv.root}: {inv.chunks} chunks, {inv.bytes / 2**20:.1f} MiB", right=("chunk", "chunks", "MiB"))
     print(f"temporaries: {inv.temporaries} ({inv.temporary_bytes} bytes), quarantined: {inv.quarantined}")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    root = _root(args)
-    with tqdm(desc="verifying", unit=" blocks", disable=args.json) as bar:
-        checked, bad = verify(root, remove=args.remove, progress=bar.update)
+    cfg = _config(args)
+    paths = StorePaths(cfg.root)
+    agent = make_agent(cfg, paths.tmp)
+    try:
+        checked, bad = verify(cfg.root, agent=agent, remove=args.remove)
+    finally:
+        agent.close()
     if args.json:
         print(json.dumps({"checked": checked, "bad": [b.__dict__ for b in bad], "removed": args.remove}, indent=2))
     else:
@@ -118,9 +129,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from vua_nixl.lifecycle.audit import audit, render
+    from vua_nixl.lifecycle.usage_report import audit, render
 
-    rep = audit(_root(args), top=args.top)
+    rep = audit(_config(args).root, top=args.top)
     if args.json:
         print(json.dumps(rep.as_dict(), indent=2, default=str))
     else:
@@ -129,12 +140,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    cfg = StoreConfig()
-    root = _root(args)
-    removed, nbytes = gc_temporaries(root, args.tmp_max_age if args.tmp_max_age is not None else cfg.tmp_max_age_s)
+    cfg = _config(args)
+    removed, nbytes = gc_temporaries(cfg.root, cfg.tmp_max_age_s)
     pruned = None
-    if args.max_bytes is not None or args.max_age is not None or cfg.max_bytes is not None or cfg.max_age_s is not None:
-        pruned = run_prune(root, args)
+    if cfg.max_bytes is not None or cfg.max_age_s is not None:
+        pruned = run_prune(args)
     if args.json:
         print(json.dumps({"temporaries_removed": removed, "bytes": nbytes, "pruned": pruned}, default=str))
     else:

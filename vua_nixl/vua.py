@@ -25,20 +25,13 @@ import xxhash
 
 from vua_nixl.agent import NixlAgent
 from vua_nixl.dtypes import dtype_name
-from vua_nixl.errors import InvalidInputError
+from vua_nixl.errors import InvalidInputError, SplitFactorError
 from vua_nixl.keys import KVLayout, Namespace, as_token_array, chunk_keys
 from vua_nixl.kvlayout import from_canonical_layers
 from vua_nixl.paths import StorePaths
 from vua_nixl.store import KVStore
 
 log = logging.getLogger(__name__)
-
-
-class SplitFactorError(InvalidInputError):
-    """Raised by tokens_to_path(s) when the token count is not a multiple of split_factor."""
-
-    def __init__(self, n: int, split_factor: int):
-        super().__init__(f"{n} tokens is not a multiple of split_factor {split_factor}")
 
 
 class VUAConfig:
@@ -174,12 +167,13 @@ class VUA:
         best: List[Optional[ClosestKV]] = [None] * len(tokens_list)
         for store in self._discover():
             # lookup (stats only) is worth it just to skip a layout that cannot beat a match in hand
-            need = [i for i, t in enumerate(tokens_list) if best[i] is None or store.lookup(t) > len(best[i].tokens)]
+            need = [i for i, t in enumerate(tokens_list) if (b := best[i]) is None or store.lookup(t) > len(b.tokens)]
             if not need:
                 continue
             results = store.get_many([tokens_list[i] for i in need], device=device)
             for i, res in zip(need, results):
-                if res.tokens and (best[i] is None or res.tokens > len(best[i].tokens)):
+                prev = best[i]
+                if res.tokens and res.kv is not None and (prev is None or res.tokens > len(prev.tokens)):
                     layers = from_canonical_layers(res.kv, False)
                     data = [(k.contiguous(), v.contiguous()) for k, v in layers]
                     best[i] = ClosestKV(data=data, tokens=tokens_list[i][: res.tokens].to(device))

@@ -16,17 +16,20 @@ process or host mounting the root can prune it, report on it, or continue after 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 from prometheus_client import CollectorRegistry
 
 from vua_nixl.config import StoreConfig
+from vua_nixl.errors import CapacityError
 from vua_nixl.lifecycle.accesslog import AccessLog, shared_log
-from vua_nixl.lifecycle.evict import (
+from vua_nixl.lifecycle.capacity import CapacityGuard
+from vua_nixl.lifecycle.index import AccessIndex, compact, load_current
+from vua_nixl.lifecycle.observers import AccessRecorder, StoreMetrics
+from vua_nixl.lifecycle.policies import EvictionPolicy, LFUPolicy, LRUPolicy, Policy, TTLPolicy, make_policy
+from vua_nixl.lifecycle.pruner import (
     BackgroundPruner,
-    CapacityError,
-    CapacityGuard,
-    Policy,
     Pruner,
     PruneReport,
     fingerprints_of,
@@ -34,20 +37,20 @@ from vua_nixl.lifecycle.evict import (
     scan_blocks,
     usage_by_namespace,
 )
-from vua_nixl.lifecycle.index import AccessIndex, compact, load_current
-from vua_nixl.lifecycle.observers import AccessRecorder, StoreMetrics
 
 __all__ = [
     "Lifecycle", "Pruner", "BackgroundPruner", "CapacityGuard", "CapacityError", "PruneReport", "Policy",
     "AccessLog", "AccessRecorder", "AccessIndex", "StoreMetrics", "shared_log", "compact", "load_current",
     "order_for_eviction", "scan_blocks", "usage_by_namespace", "fingerprints_of",
+    "EvictionPolicy", "LRUPolicy", "LFUPolicy", "TTLPolicy", "make_policy",
 ]
 
 
 class Lifecycle:
     """One root's lifecycle services for a worker: observers for its stores plus a pruner.
 
-    Limits default to the store config (``max_bytes``, ``eviction``, ``max_age_s``; env
+    Every setting not passed explicitly comes from the store config (``max_bytes``,
+    ``eviction``, ``max_age_s``, ``tmp_max_age_s``, ``low_water``, ``prune_period_s``; env
     ``VUA_NIXL_MAX_BYTES`` etc.), so a worker configured by environment needs no code changes.
     """
 
@@ -61,12 +64,12 @@ class Lifecycle:
         group_max_bytes: Optional[dict[str, tuple[Any, int]]] = None,
         policy: Optional[Policy] = None,
         max_age_s: Optional[float] = None,
-        prune_period_s: float = 60.0,
+        prune_period_s: Optional[float] = None,
         metrics: bool | StoreMetrics = True,
         registry: Optional[CollectorRegistry] = None,
         refresh_s: float = 2.0,
     ):
-        cfg = config or StoreConfig(**({"root": root} if root is not None else {}))
+        cfg = config or (StoreConfig(root=Path(root)) if root is not None else StoreConfig())
         self.root = os.fspath(root if root is not None else cfg.root)
         self.pruner = Pruner(
             self.root,
@@ -75,6 +78,8 @@ class Lifecycle:
             group_max_bytes=group_max_bytes,
             policy=policy or cfg.eviction,
             max_age_s=max_age_s if max_age_s is not None else cfg.max_age_s,
+            tmp_max_age_s=cfg.tmp_max_age_s,
+            low_water=cfg.low_water,
         )
         self.recorder = AccessRecorder()
         self.guard = CapacityGuard(self.pruner, refresh_s=refresh_s)
@@ -82,7 +87,8 @@ class Lifecycle:
             self.metrics: Optional[StoreMetrics] = metrics
         else:
             self.metrics = StoreMetrics(registry) if metrics else None
-        self.background = BackgroundPruner(self.pruner, prune_period_s)
+        self.config = cfg
+        self.background = BackgroundPruner(self.pruner, prune_period_s if prune_period_s is not None else cfg.prune_period_s)
 
     def observers(self) -> list[Any]:
         obs: list[Any] = [self.recorder, self.guard]

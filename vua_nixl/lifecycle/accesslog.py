@@ -257,3 +257,36 @@ def _flush_at_exit(ref: "weakref.ref[AccessLog]") -> None:
             alog.close()
         except Exception:  # interpreter shutdown: nothing useful to do
             pass
+
+
+class LogFollower:
+    """Tails every process's access log under a root: the one event log of a shared root.
+
+    Consumers that must learn what *other* processes stored or removed (the Dynamo shared-tier
+    advertiser) follow these files instead of keeping a second journal. Only whole records are
+    taken; a file the pruner consumed and deleted is forgotten (records in it that this follower
+    never read are lost, so consumers re-check what they advertise with a bounded background
+    sweep and can reseed from the compacted index).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], namespace: Optional[bytes] = None):
+        self.root = root
+        self.namespace = namespace
+        self._offsets: dict[str, int] = {}
+
+    def read_new(self, kinds: Optional[set[int]] = None) -> list[Record]:
+        """Records appended since the previous call (every readable one at first)."""
+        out: list[Record] = []
+        seen: set[str] = set()
+        for entry in iter_logs(self.root):
+            seen.add(entry.name)
+            try:
+                recs, end = read_records(entry.path, self._offsets.get(entry.name, 0))
+            except OSError:
+                continue
+            self._offsets[entry.name] = end
+            out.extend(r for r in recs if (self.namespace is None or r.namespace == self.namespace)
+                       and (kinds is None or r.kind in kinds))
+        for name in [n for n in self._offsets if n not in seen]:
+            del self._offsets[name]
+        return out

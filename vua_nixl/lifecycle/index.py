@@ -26,12 +26,21 @@ from typing import Any, Iterator, Optional
 
 import msgpack
 
-from vua_nixl.audit import _pid_alive
 from vua_nixl.errors import VuaNixlError
 from vua_nixl.lifecycle.accesslog import (
-    CORRUPT, EVICTED, HIT, MISS, REMOVED, STORED, Record, access_dir, iter_logs, parse_log_name, read_records,
+    CORRUPT,
+    EVICTED,
+    HIT,
+    MISS,
+    REMOVED,
+    STORED,
+    Record,
+    access_dir,
+    iter_logs,
+    parse_log_name,
+    read_records,
 )
-from vua_nixl.paths import StorePaths, this_host
+from vua_nixl.paths import StorePaths, writer_gone
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +168,8 @@ class AccessIndex:
         elif rec.kind == MISS:
             c["misses"] += 1
         elif rec.kind in (REMOVED, EVICTED, CORRUPT):
-            e = self.blocks.get(fp, {}).get(rec.key)
-            if e is not None and e[0] <= rec.time:  # logs fold file by file: a later re-store wins
+            gone = self.blocks.get(fp, {}).get(rec.key)
+            if gone is not None and gone[0] <= rec.time:  # logs fold file by file: a later re-store wins
                 del self.blocks[fp][rec.key]
             c[{REMOVED: "deletes", EVICTED: "evictions", CORRUPT: "corrupt"}[rec.kind]] += 1
 
@@ -200,7 +209,7 @@ class AccessIndex:
         except FileNotFoundError:
             return False
         owner = parse_log_name(entry.name)
-        dead = owner is not None and owner[0] == this_host() and not _pid_alive(owner[1])
+        dead = writer_gone(owner)
         if dead:
             return True  # a torn tail of a dead writer is never completed: drop it with the file
         return st.st_size == end and now - st.st_mtime > idle_s

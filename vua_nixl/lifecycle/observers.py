@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from vua_nixl.lifecycle.accesslog import CORRUPT, MISS, REMOVED, STORED, AccessLog, shared_log, u64_pair
+from vua_nixl.store.observers import StoreObserver
 
 if TYPE_CHECKING:
     from vua_nixl.store import KVStore, StoredChunk
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class AccessRecorder:
+class AccessRecorder(StoreObserver):
     """Writes stored / hit / miss / removed / corrupt records to the root's shared access log.
 
     Disabled for a store whose ``config.access_log`` is false. Evictions are recorded by the
@@ -78,7 +79,7 @@ class AccessRecorder:
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class StoreMetrics:
+class StoreMetrics(StoreObserver):
     """Prometheus metrics for one or more stores, labelled by namespace fingerprint (12 hex).
 
     A private :class:`CollectorRegistry` is created unless one is given, so several instances

@@ -21,8 +21,8 @@ def _quiet_transformers() -> None:
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
-    from vua_nixl.engine.errors import EngineError
-    from vua_nixl.engine.modeldir import make_model_dir
+    from vua_nixl_engine.errors import EngineError
+    from vua_nixl_engine.modeldir import make_model_dir
 
     _quiet_transformers()
     try:
@@ -35,8 +35,8 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vua_nixl.engine.demo import DemoOptions, run_demo
     from vua_nixl.errors import VuaNixlError
+    from vua_nixl_engine.demo import DemoOptions, run_demo
 
     _quiet_transformers()
     opts = DemoOptions(
@@ -65,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from vua_nixl.engine.presets import PRESETS
+    from vua_nixl_engine.presets import PRESETS
 
     p = sub.add_parser(
         "make-model",

@@ -8,14 +8,16 @@ root, not one process's. Reading it changes nothing on disk.
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, TextIO
 
 from vua_nixl.audit import inventory
 from vua_nixl.lifecycle.accesslog import iter_logs
 from vua_nixl.lifecycle.index import COUNTER_NAMES, AccessIndex, load_current
 from vua_nixl.paths import StorePaths
+from vua_nixl.tables import print_table
 
 
 @dataclass
@@ -34,16 +36,16 @@ class AuditReport:
         return dict(vars(self))
 
 
-def top_prefixes(idx: AccessIndex, chunk_tokens: dict[str, int], n: int = 10) -> list[dict[str, Any]]:
+def top_prefixes(idx: AccessIndex, chunk_tokens: dict[str, Any], n: int = 10) -> list[dict[str, Any]]:
     """The most-hit prefixes. A chunk stands for the longest prefix with its hit count: it is
     skipped when one of its children has as many hits (that child is the same prefix, longer)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for fp, blocks in idx.blocks.items():
         best_child: dict[bytes, int] = defaultdict(int)
-        for key, (last, hits, parent) in blocks.items():
+        for _key, (_last, hits, parent) in blocks.items():
             if parent is not None:
                 best_child[parent] = max(best_child[parent], int(hits))
-        for key, (last, hits, parent) in blocks.items():
+        for key, (last, hits, _parent) in blocks.items():
             if hits <= 0 or best_child.get(key, -1) >= hits:
                 continue
             depth = idx.depth(fp, key)
@@ -64,7 +66,7 @@ def audit(root: str | os.PathLike[str], top: int = 10) -> AuditReport:
     rep = AuditReport(root=str(paths.root), chunks=inv.chunks, bytes=inv.bytes, temporaries=inv.temporaries)
     rep.index_updated = idx.updated
     rep.access_logs = sum(1 for _ in iter_logs(root))
-    chunk_tokens: dict[str, int] = {}
+    chunk_tokens: dict[str, Any] = {}
     seen = set()
     for usage in inv.namespaces:
         d = usage.description
@@ -91,33 +93,25 @@ def audit(root: str | os.PathLike[str], top: int = 10) -> AuditReport:
     return rep
 
 
-def render(rep: AuditReport, console: Optional[Any] = None) -> None:
-    """Rich tables for a terminal."""
+def render(rep: AuditReport, file: Optional[TextIO] = None) -> None:
+    """Plain tables for a terminal (see :mod:`vua_nixl.tables`)."""
     import time
 
-    from rich.console import Console
-    from rich.table import Table
-
-    con = console or Console(width=None if Console().is_terminal else 160)
-    t = Table(title=f"{rep.root}: {rep.chunks} chunks, {rep.bytes / 2**20:.1f} MiB, {rep.temporaries} temporaries")
-    for col in ("namespace", "model", "dtype", "tp", "chunks", "MiB", "chunk hits", "misses", "MiB read",
-                "written", "evicted", "deleted", "corrupt"):
-        t.add_column(col, justify="right" if col not in ("namespace", "model", "dtype") else "left")
-    for n in rep.namespaces:
-        t.add_row(n["namespace"][:12], str(n["model"]), str(n["dtype"]), str(n["tp"]), str(n["chunks"]),
-                  f"{n['bytes'] / 2**20:.1f}", str(n["hits"]), str(n["misses"]), f"{n['bytes_read'] / 2**20:.1f}",
-                  str(n["chunks_written"]), str(n["evictions"]), str(n["deletes"]), str(n["corrupt"]))
-    con.print(t)
+    out = file or sys.stdout
+    cols = ("namespace", "model", "dtype", "tp", "chunks", "MiB", "chunk hits", "misses", "MiB read",
+            "written", "evicted", "deleted", "corrupt")
+    rows: list[tuple[Any, ...]] = [(n["namespace"][:12], n["model"], n["dtype"], n["tp"], n["chunks"], f"{n['bytes'] / 2**20:.1f}",
+             n["hits"], n["misses"], f"{n['bytes_read'] / 2**20:.1f}", n["chunks_written"], n["evictions"],
+             n["deletes"], n["corrupt"]) for n in rep.namespaces]
+    title = f"{rep.root}: {rep.chunks} chunks, {rep.bytes / 2**20:.1f} MiB, {rep.temporaries} temporaries"
+    print_table(cols, rows, title, right=cols[3:], file=out)
     if rep.top_prefixes:
-        t = Table(title="top prefixes by hits")
-        for col in ("namespace", "key", "chunks", "tokens", "hits", "last access"):
-            t.add_column(col)
         now = time.time()
-        for r in rep.top_prefixes:
-            t.add_row(r["namespace"][:12], r["key"][:16], str(r["chunks"]), str(r["tokens"]), str(r["hits"]),
-                      f"{now - r['last_access']:.0f} s ago")
-        con.print(t)
-    con.print(f"quarantined files: {len(rep.quarantined)}")
+        rows = [(r["namespace"][:12], r["key"][:16], r["chunks"], r["tokens"], r["hits"],
+                 f"{now - r['last_access']:.0f} s ago") for r in rep.top_prefixes]
+        print(file=out)
+        print_table(("namespace", "key", "chunks", "tokens", "hits", "last access"), rows, "top prefixes by hits", file=out)
+    print(f"quarantined files: {len(rep.quarantined)}", file=out)
     for q in rep.quarantined[:20]:
-        con.print(f"  {q['file']}  {q['bytes']} bytes")
-    con.print(f"access logs pending compaction: {rep.access_logs}")
+        print(f"  {q['file']}  {q['bytes']} bytes", file=out)
+    print(f"access logs pending compaction: {rep.access_logs}", file=out)

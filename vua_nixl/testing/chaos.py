@@ -43,9 +43,10 @@ import numpy as np
 import torch
 
 from vua_nixl.audit import check_block_bytes, gc_temporaries
-from vua_nixl.errors import StoreRootError, TransferError
+from vua_nixl.errors import CapacityError, StoreRootError, TransferError
 from vua_nixl.keys import KVLayout, Namespace
-from vua_nixl.lifecycle.evict import CapacityError, scan_blocks
+from vua_nixl.lifecycle.pruner import scan_blocks
+from vua_nixl.store.observers import StoreObserver
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class Journal:
         os.close(self.fd)
 
 
-class _JournalObserver:
+class _JournalObserver(StoreObserver):
     def __init__(self, journal: Journal):
         self.j = journal
 
@@ -242,7 +243,7 @@ def worker_main(wid: int, cfg: ChaosConfig, stop_at: Any, ready: Any) -> None:
                 n = res.tokens
                 if n % CHUNK or n > len(keys) * CHUNK or (n == 0) != (res.kv is None):
                     j.write(f"W bad-count {n} of {len(keys) * CHUNK}")
-                elif n and not same_bytes(res.kv, expected_kv(keys[: n // CHUNK])):
+                elif n and res.kv is not None and not same_bytes(res.kv, expected_kv(keys[: n // CHUNK])):
                     j.write(f"W wrong-bytes {keys[n // CHUNK - 1].hex()} n={n}")
                 kinds.append("hit" if n == len(keys) * CHUNK else "partial" if n else "miss")
             outcome = ",".join(kinds) if op == "get" else "batch"

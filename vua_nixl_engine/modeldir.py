@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import xxhash
 
-from vua_nixl.engine.errors import ModelLoadError
-from vua_nixl.engine.presets import Preset, build_model, get_preset
-from vua_nixl.engine.tokenizer import build_tokenizer, write_tokenizer_files
+from vua_nixl_engine.errors import ModelLoadError
+from vua_nixl_engine.presets import Preset, build_model, get_preset
+from vua_nixl_engine.tokenizer import build_tokenizer, write_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def load_model_dir(path: str | os.PathLike, *, device: str | torch.device = "cpu
 
 def load_model(model: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0) -> LoadedModel:
     """A preset name (``tiny``, ``qwen2-0.5b``, ...) or a path to a model directory."""
-    from vua_nixl.engine.presets import PRESETS
+    from vua_nixl_engine.presets import PRESETS
 
     if isinstance(model, str) and model in PRESETS and not Path(model).exists():
         loaded = build_preset(model, seed=seed, dtype=dtype)

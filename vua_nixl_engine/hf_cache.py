@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from vua_nixl.engine.paged import PagedKVCache
+from vua_nixl_engine.paged import PagedKVCache
 
 
 class PagedLayer(CacheLayerMixin):

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from vua_nixl.engine.engine import Engine
 from vua_nixl.dtypes import torch_dtype
-from vua_nixl.engine.modeldir import load_model_dir, make_model_dir
-from vua_nixl.engine.text import paragraph
+from vua_nixl_engine.engine import Engine
+from vua_nixl_engine.modeldir import load_model_dir, make_model_dir
+from vua_nixl_engine.text import paragraph
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vua_nixl.engine.paged import PagedKVCache
+from vua_nixl_engine.paged import PagedKVCache
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ Rules the pruner follows (docs/LIFECYCLE.md has the full argument):
   ``<root>/access/prune.lock``, so two workers over the limit do not both evict.
 * **Bounded overshoot.** The root limit is checked and reserved atomically against a usage
   ledger kept in the lock file, reset to the truth by every pruning scan; see
-  :class:`CapacityGuard` for the small window that remains and for namespace/group limits.
+  :class:`~vua_nixl.lifecycle.capacity.CapacityGuard` for the small window that remains and for namespace/group limits.
 """
 
 from __future__ import annotations
@@ -28,27 +28,20 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from vua_nixl.audit import gc_temporaries
-from vua_nixl.errors import CorruptBlockError, VuaNixlError
+from vua_nixl.errors import CorruptBlockError, InvalidInputError
 from vua_nixl.format import read_header_file
 from vua_nixl.lifecycle.accesslog import EVICTED, shared_log
-from vua_nixl.lifecycle.index import AccessIndex, read_ledger, root_lock, write_ledger
+from vua_nixl.lifecycle.index import AccessIndex, root_lock, write_ledger
+from vua_nixl.lifecycle.policies import EvictionPolicy, Policy, make_policy
 from vua_nixl.paths import BLOCK_SUFFIX, StorePaths
-
-if TYPE_CHECKING:
-    from vua_nixl.store import KVStore
 
 log = logging.getLogger(__name__)
 
-Policy = Literal["lru", "lfu", "ttl"]
 #: Called with (namespace fingerprint hex, keys) just before those blocks are unlinked.
 EvictCallback = Callable[[str, list[bytes]], None]
-
-
-class CapacityError(VuaNixlError):
-    """A single put is larger than the capacity it is allowed to use."""
 
 
 @dataclass
@@ -150,8 +143,9 @@ def fingerprints_of(namespaces: Iterable[Any], chunk_tokens: int) -> set[str]:
     return {ns.fingerprint(chunk_tokens).hex() for ns in namespaces}
 
 
-def order_for_eviction(blocks: list[Block], policy: Policy) -> list[Block]:
+def order_for_eviction(blocks: list[Block], policy: EvictionPolicy | str) -> list[Block]:
     """Blocks in eviction order: every block after all of its present descendants."""
+    pol = policy if isinstance(policy, EvictionPolicy) else make_policy(policy)
     by_ns: dict[str, list[Block]] = defaultdict(list)
     for b in blocks:
         by_ns[b.fp].append(b)
@@ -177,10 +171,7 @@ def order_for_eviction(blocks: list[Block], policy: Policy) -> list[Block]:
                 if done:
                     kids = children.get(node.key, [])
                     node.recent = max([node.last] + [k.recent for k in kids])
-                    if policy == "lfu":
-                        node.eff = max([(float(node.hits), node.last)] + [k.eff for k in kids])
-                    else:
-                        node.eff = (max([node.last] + [k.eff[0] for k in kids]),)
+                    node.eff = pol.subtree_score(node, [k.eff for k in kids])
                     continue
                 if node.key in visited:
                     continue
@@ -195,6 +186,32 @@ def order_for_eviction(blocks: list[Block], policy: Policy) -> list[Block]:
         ordered.extend(b for b in group if b.key in visited)
     ordered.sort(key=Block.sort_key)
     return ordered
+
+
+Scope = Optional[str | frozenset[str]]
+
+
+def evict_down_to(order: list[Block], victims: dict[bytes, tuple[Block, str]], usage_ns: dict[str, int],
+                  scope: Scope, target: int, reason: str, extra_used: int = 0) -> None:
+    """Mark blocks of ``scope`` (None: the whole root; a fingerprint; a set of them) as victims,
+    in eviction order, until the scope's usage (plus ``extra_used``) is at most ``target``.
+    Updates ``usage_ns`` and ``victims`` in place; orphans are labelled as such."""
+    in_scope: Callable[[str], bool]
+    if scope is None:
+        def in_scope(fp: str) -> bool:
+            return True
+    elif isinstance(scope, frozenset):
+        in_scope = scope.__contains__
+    else:
+        in_scope = scope.__eq__
+    used = sum(n for fp, n in usage_ns.items() if in_scope(fp)) + extra_used
+    for b in order:
+        if used <= target:
+            break
+        if in_scope(b.fp) and b.key not in victims:
+            victims[b.key] = (b, "orphan" if b.orphan else reason)
+            usage_ns[b.fp] -= b.size
+            used -= b.size
 
 
 class Pruner:
@@ -225,12 +242,9 @@ class Pruner:
         tmp_max_age_s: float = 3600.0,
         on_evict: Sequence[EvictCallback] = (),
     ):
-        if policy not in ("lru", "lfu", "ttl"):
-            raise ValueError(f"unknown eviction policy {policy!r} (lru, lfu, ttl)")
-        if policy == "ttl" and max_age_s is None:
-            raise ValueError("the ttl policy needs max_age_s")
+        self.eviction_policy = make_policy(policy, max_age_s)
         if not 0.0 < low_water <= 1.0:
-            raise ValueError("low_water must be in (0, 1]")
+            raise InvalidInputError("low_water must be in (0, 1]")
         self.root = os.fspath(root)
         self.paths = StorePaths(root)
         self.max_bytes = max_bytes
@@ -278,7 +292,7 @@ class Pruner:
         self._join(idx, blocks)
         rep.scanned_chunks = len(blocks)
         rep.scanned_bytes = sum(b.size for b in blocks)
-        order = order_for_eviction([b for b in blocks if not b.unknown], "lfu" if self.policy == "lfu" else "lru")
+        order = order_for_eviction([b for b in blocks if not b.unknown], self.eviction_policy)
         victims: dict[bytes, tuple[Block, str]] = {}
 
         for b in order:  # a corrupt block goes with its subtree (no load can reach it)
@@ -298,36 +312,15 @@ class Pruner:
         for fp, limit in self.namespace_max_bytes.items():
             extra = need_bytes if fp == need_namespace else 0
             if usage_ns[fp] + extra > limit:
-                target = max(0, int(limit * self.low_water) - extra)
-                for b in order:
-                    if usage_ns[fp] <= target:
-                        break
-                    if b.fp == fp and b.key not in victims:
-                        victims[b.key] = (b, "orphan" if b.orphan else "namespace")
-                        usage_ns[fp] -= b.size
-        for name, (fps, limit) in self.group_max_bytes.items():
+                evict_down_to(order, victims, usage_ns, fp, max(0, int(limit * self.low_water) - extra), "namespace")
+        for fps, limit in self.group_max_bytes.values():
             extra = need_bytes if need_namespace in fps else 0
-            used = sum(usage_ns[f] for f in fps)
-            if used + extra > limit:
-                target = max(0, int(limit * self.low_water) - extra)
-                for b in order:
-                    if used <= target:
-                        break
-                    if b.fp in fps and b.key not in victims:
-                        victims[b.key] = (b, "orphan" if b.orphan else "group")
-                        usage_ns[b.fp] -= b.size
-                        used -= b.size
+            if sum(usage_ns[f] for f in fps) + extra > limit:
+                evict_down_to(order, victims, usage_ns, fps, max(0, int(limit * self.low_water) - extra), "group")
         if self.max_bytes is not None:
-            total = sum(usage_ns.values()) + rep.inflight_bytes
-            if total + need_bytes > self.max_bytes:
-                target = max(0, int(self.max_bytes * self.low_water) - need_bytes)
-                for b in order:
-                    if total <= target:
-                        break
-                    if b.key not in victims:
-                        victims[b.key] = (b, "orphan" if b.orphan else "capacity")
-                        usage_ns[b.fp] -= b.size
-                        total -= b.size
+            if sum(usage_ns.values()) + rep.inflight_bytes + need_bytes > self.max_bytes:
+                evict_down_to(order, victims, usage_ns, None, max(0, int(self.max_bytes * self.low_water) - need_bytes),
+                              "capacity", extra_used=rep.inflight_bytes)
 
         self._evict(order, victims, rep)
         self._prune_index(idx, blocks, victims)
@@ -439,7 +432,7 @@ class BackgroundPruner:
 
     def __init__(self, pruner: Pruner, period_s: float = 60.0):
         if period_s <= 0:
-            raise ValueError("period_s must be positive")
+            raise InvalidInputError("period_s must be positive")
         self.pruner = pruner
         self.period_s = period_s
         self.last_report: Optional[PruneReport] = None
@@ -481,155 +474,3 @@ class BackgroundPruner:
                 self.errors += 1
                 log.exception("background prune of %s failed", self.pruner.root)
             self._stop.wait(self.period_s)
-
-
-class CapacityGuard:
-    """Store observer that makes room before a put writes anything.
-
-    **Root limit (``max_bytes``): check-and-reserve under the root lock.** ``before_write``
-    takes ``flock(<root>/access/prune.lock)``, reads the usage ledger kept in that file, and if
-    ``ledger + nbytes`` exceeds the limit runs the pruner right there (which rescans the root,
-    evicts down to its low-water mark and resets the ledger to the truth: blocks plus in-flight
-    temporaries); then it adds ``nbytes`` and releases the lock. Deletes do not subtract (a delete
-    unlinks before it can take the lock, so a scan in between would make the subtraction count
-    twice); they, and failed or crashed puts, leave the ledger too high, which only makes the
-    next put rescan early.
-    What can still overshoot: a put that reserved but has not yet created its temporaries when
-    another process's pruning scan resets the ledger (a window of microseconds of CPU, longer
-    only if the process is descheduled), and writers that do not use a guard. One flock per put
-    costs a lock round trip, small next to writing a block.
-
-    **Namespace and group limits:** a usage estimate (this process's last scan, blocks and
-    temporaries, plus its own writes since), refreshed when older than ``refresh_s``, or when
-    within ``1 - rescan_fraction`` of a limit and older than ``near_refresh_s``. These can be
-    exceeded by what other processes start writing inside that stale window.
-
-    A put larger than any limit raises :class:`CapacityError` and writes nothing.
-    """
-
-    def __init__(self, pruner: Pruner, *, refresh_s: float = 2.0, rescan_fraction: float = 0.95, near_refresh_s: float = 0.1):
-        self.pruner = pruner
-        self.refresh_s = refresh_s
-        self.rescan_fraction = rescan_fraction
-        self.near_refresh_s = near_refresh_s
-        self._lock = threading.Lock()
-        self._usage: dict[str, int] = {}
-        self._scanned_at = float("-inf")
-        self._local = threading.local()  # this thread's reservation file, if any
-        self.evictions = 0
-        self.prunes = 0
-        self._stores: dict[str, "KVStore"] = {}
-        pruner.on_evict.append(self._notify)
-
-    def _limits(self, fp: str) -> list[tuple[Any, int]]:
-        """(scope, limit) pairs that apply to a put into namespace ``fp``: None is the whole
-        root, a str one namespace, a frozenset a group of namespaces."""
-        out: list[tuple[Any, int]] = []
-        if self.pruner.max_bytes is not None:
-            out.append((None, self.pruner.max_bytes))
-        if fp in self.pruner.namespace_max_bytes:
-            out.append((fp, self.pruner.namespace_max_bytes[fp]))
-        for fps, limit in self.pruner.group_max_bytes.values():
-            if fp in fps:
-                out.append((fps, limit))
-        return out
-
-    def _used(self, scope: Any) -> int:
-        if scope is None:
-            return sum(self._usage.values())
-        if isinstance(scope, frozenset):
-            return sum(self._usage.get(f, 0) for f in scope)
-        return self._usage.get(scope, 0)
-
-    def before_write(self, store: "KVStore", nbytes: int) -> None:
-        fp = store.fp_hex
-        limits = self._limits(fp)
-        if not limits:
-            return
-        for scope, limit in limits:
-            if nbytes > limit:
-                if scope is None:
-                    where = "the store root"
-                elif isinstance(scope, frozenset):
-                    where = "group " + next(n for n, (f, _) in self.pruner.group_max_bytes.items() if f == scope)
-                else:
-                    where = f"namespace {scope[:12]}"
-                raise CapacityError(f"put of {nbytes} bytes exceeds the capacity of {where} ({limit} bytes)")
-        with self._lock:
-            self._stores[fp] = store
-            scoped = [(sc, lim) for sc, lim in limits if sc is not None]
-            if scoped:
-                self._check_scoped(fp, nbytes, scoped)
-            if self.pruner.max_bytes is not None:
-                self._reserve(fp, nbytes, self.pruner.max_bytes)
-
-    def _reserve(self, fp: str, nbytes: int, limit: int) -> None:
-        """Root limit: check and reserve atomically against the shared ledger (one flock).
-
-        The reservation is also made visible as a sparse temporary of ``nbytes`` (it occupies no
-        blocks), so a pruning scan in another process that resets the ledger before this put has
-        created its own temporaries still counts it. It is removed when the put is published
-        (``on_stored``), by this thread's next put if this one failed, or by gc if we die.
-        """
-        self._drop_reservation()
-        with root_lock(self.pruner.root) as lock_fd:
-            used = read_ledger(lock_fd)
-            if used is None or used + nbytes > limit:  # no ledger yet, or full: scan and prune
-                self.pruner.run_locked(lock_fd, need_bytes=nbytes, need_namespace=fp)
-                self.prunes += 1
-                used = read_ledger(lock_fd) or 0
-            write_ledger(lock_fd, used + nbytes)
-            path = self.pruner.paths.tmp_file("reserve")
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    os.ftruncate(fd, nbytes)
-                finally:
-                    os.close(fd)
-                self._local.reservation = path
-            except OSError as exc:  # the ledger alone still holds the reservation
-                log.debug("cannot create reservation file %s: %s", path, exc)
-
-    def _drop_reservation(self) -> None:
-        path = getattr(self._local, "reservation", None)
-        if path is not None:
-            self._local.reservation = None
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
-    def on_stored(self, store: "KVStore", chunks: Sequence[Any]) -> None:
-        self._drop_reservation()  # the blocks are published: they count as themselves now
-
-    def on_put_failed(self, store: "KVStore", nbytes: int, error: Exception) -> None:
-        self._drop_reservation()  # nothing was published: give the reserved bytes back now
-
-    def _check_scoped(self, fp: str, nbytes: int, limits: list[tuple[Any, int]]) -> None:
-        """Namespace / group limits: a usage estimate refreshed by scans (see class docstring)."""
-        now = time.monotonic()
-        near = any(self._used(sc) + nbytes > self.rescan_fraction * lim for sc, lim in limits)
-        age = now - self._scanned_at
-        if age > self.refresh_s or (near and age > self.near_refresh_s):
-            self._usage = self.pruner.usage()
-            self._scanned_at = now
-        if any(self._used(sc) + nbytes > lim for sc, lim in limits):
-            rep = self.pruner.run_once(need_bytes=nbytes, need_namespace=fp)
-            self.prunes += 1
-            self._usage = {**rep.usage_after_ns, INFLIGHT: rep.inflight_bytes}
-            self._scanned_at = time.monotonic()
-        self._usage[fp] = self._usage.get(fp, 0) + nbytes
-
-    def _notify(self, fp: str, keys: list[bytes]) -> None:
-        """Tell the store (presence cache) and its observers (metrics, router events) about evictions."""
-        store = self._stores.get(fp)
-        self.evictions += len(keys)
-        if store is None:
-            return
-        store.forget(keys)
-        for obs in store.observers:
-            if obs is not self and hasattr(obs, "on_removed"):
-                try:
-                    obs.on_removed(store, keys, "evict")
-                except Exception:
-                    log.exception("observer failed on eviction")

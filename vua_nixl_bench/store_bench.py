@@ -234,8 +234,8 @@ class StoreBench:
             stats = store.stats()
             actual_backend = stats.get("backend", self.backend)
             engine = stats.get("engine")
-            if store._direct != self.direct:  # noqa: SLF001 - the row must say what really ran
-                raise RuntimeError(f"store direct_io={store._direct} but the config asks {self.direct}")
+            if store.direct != self.direct:  # the row must say what really ran
+                raise RuntimeError(f"store direct_io={store.direct} but the config asks {self.direct}")
         finally:
             store.close()
             if not self.opts.keep_files:

@@ -1,4 +1,4 @@
-"""Storage-path validation: ``vua-nixl plan`` and ``vua-nixl bench storage`` (issue 5).
+"""Storage-path validation: ``vua-nixl plan`` and ``vua-nixl bench storage``.
 
 * :mod:`.flags`, :mod:`.nbconfig` - nixlbench's flags and its ``--config_file`` TOML files;
 * :mod:`.plan` - KV bytes per token / chunk / request for a model, and the matching nixlbench run;

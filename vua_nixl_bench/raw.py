@@ -40,6 +40,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from vua_nixl.errors import BackendUnavailableError
+
 from .flags import INITIATOR_BYTE, TARGET_BYTE
 from .nbconfig import NixlbenchConfig, format_bytes
 from .results import BenchRow, LatencyStats
@@ -50,7 +52,7 @@ _FILL_CHUNK = 64 << 20
 _PAGE = mmap.PAGESIZE
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(BackendUnavailableError):
     """The config's backend (or memory type) cannot run on this host."""
 
 
@@ -436,8 +438,8 @@ class RawNixlBench:
                 t0 = time.perf_counter()
                 fds: list[int] = []
                 names: list[str] = []
-                for t in range(self.threads):
-                    for j in range(batch):
+                for _t in range(self.threads):
+                    for _j in range(batch):
                         name = str(subdir / f"{n}")
                         n += 1
                         fds.append(os.open(name, flags, 0o644))

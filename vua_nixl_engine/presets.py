@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vua_nixl.engine.errors import ModelLoadError
+from vua_nixl_engine.errors import ModelLoadError
 
 
 @dataclass(frozen=True)

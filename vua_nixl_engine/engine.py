@@ -23,19 +23,20 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence as Seq
+from typing import Any, Iterable
+from typing import Sequence as Seq
 
 import numpy as np
 import torch
 
 from vua_nixl.dtypes import dtype_name
-from vua_nixl.engine.errors import PromptTooLongError, StoreMismatchError
-from vua_nixl.engine.hf_cache import paged_cache_view
-from vua_nixl.engine.modeldir import LoadedModel, load_model
-from vua_nixl.engine.paged import PagedKVCache
-from vua_nixl.engine.saver import WriteBehindSaver
 from vua_nixl.errors import InvalidInputError, VuaNixlError
 from vua_nixl.keys import KVLayout, Namespace
+from vua_nixl_engine.errors import PromptTooLongError, StoreMismatchError
+from vua_nixl_engine.hf_cache import paged_cache_view
+from vua_nixl_engine.modeldir import LoadedModel, load_model
+from vua_nixl_engine.paged import PagedKVCache
+from vua_nixl_engine.saver import WriteBehindSaver
 
 log = logging.getLogger(__name__)
 

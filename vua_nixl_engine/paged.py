@@ -19,8 +19,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from vua_nixl.engine.errors import OutOfBlocksError
 from vua_nixl.errors import InvalidInputError
+from vua_nixl_engine.errors import OutOfBlocksError
 
 
 class PagedKVCache:

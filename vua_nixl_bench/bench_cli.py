@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from vua_nixl.config import parse_size
+
 from .flags import NIXLBENCH_FLAGS
-from .nbconfig import ConfigError, NixlbenchConfig, format_bytes, parse_size
+from .nbconfig import ConfigError, NixlbenchConfig, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +235,7 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m vua_nixl.bench.cli``) for use without the top-level CLI."""
+    """Standalone entry (``python -m vua_nixl_bench.bench_cli``) for use without the top-level CLI."""
     parser = argparse.ArgumentParser(prog="vua-nixl")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)

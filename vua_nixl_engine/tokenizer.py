@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vua_nixl.engine.text import training_corpus
+from vua_nixl_engine.text import training_corpus
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from vua_nixl.errors import InvalidInputError
+
 from .flags import (
     CONFIG_FILE_KEYS,
     LARGE_BLOCK_SIZE,
@@ -33,7 +35,7 @@ from .flags import (
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInputError):
     """A nixlbench config that nixlbench would reject or silently misread."""
 
 
@@ -48,30 +50,6 @@ def format_bytes(n: int | float) -> str:
         n /= 1024
     raise AssertionError("unreachable")
 
-
-def parse_size(text: str | int) -> int:
-    """Parse ``4096``, ``"4KiB"``, ``"1M"``, ``"32GiB"``, ``"1e6"`` into bytes.
-
-    Only our own CLI accepts suffixes; anything written for nixlbench is converted to a plain
-    integer first because gflags and nixlbench's TOML reader do not understand units.
-    """
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().replace("_", "")
-    units = {
-        "": 1, "b": 1,
-        "k": 1024, "kb": 1000, "kib": 1024,
-        "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-        "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
-        "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
-    }
-    i = len(s)
-    while i > 0 and s[i - 1].isalpha():
-        i -= 1
-    num, unit = s[:i].strip(), s[i:].strip().lower()
-    if unit not in units or not num:
-        raise ValueError(f"cannot parse size {text!r}")
-    return int(float(num) * units[unit])
 
 
 def doubling(start: int, stop: int) -> list[int]:

@@ -1,0 +1,105 @@
+"""What the write path and the read path share: one namespace on one root, through one agent.
+
+:class:`StoreCore` is built once by :class:`~vua_nixl.store.kvstore.KVStore` and handed to the
+writer and the reader; it holds no per-request state.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from vua_nixl.agent import NixlAgent, StagingPool
+from vua_nixl.config import StoreConfig
+from vua_nixl.keys import Namespace
+from vua_nixl.paths import StorePaths
+from vua_nixl.store.planning import DIRECT_ALIGN, Arena, ChunkGeometry
+from vua_nixl.store.presence import PresenceCache
+
+
+@dataclass
+class StoreStats:
+    """In-process counters; `vua-nixl stats` adds what is on disk."""
+
+    puts: int = 0
+    chunks_written: int = 0
+    chunks_skipped: int = 0
+    bytes_written: int = 0
+    gets: int = 0
+    hits: int = 0
+    misses: int = 0
+    tokens_requested: int = 0
+    tokens_hit: int = 0
+    chunks_read: int = 0
+    bytes_read: int = 0
+    lookups: int = 0
+    deletes: int = 0
+    corrupt: int = 0
+    io_errors: int = 0
+    write_failures: int = 0
+    load_seconds: float = 0.0
+
+
+@dataclass
+class StoreCore:
+    config: StoreConfig
+    namespace: Namespace
+    fingerprint: bytes
+    paths: StorePaths
+    geo: ChunkGeometry
+    agent: NixlAgent
+    presence: PresenceCache
+    staging: StagingPool
+    direct: bool
+    vram_ok: bool
+    #: ``notify(hook, *args)`` tells the store's observers (set by the store).
+    notify: Callable[..., None]
+    stats: StoreStats = field(default_factory=StoreStats)
+    _stats_lock: threading.Lock = field(default_factory=threading.Lock)
+    arenas: dict[str, Arena] = field(default_factory=dict)
+
+    @property
+    def fp_hex(self) -> str:
+        return self.fingerprint.hex()
+
+    def block_path(self, key: bytes) -> str:
+        return self.paths.block(self.fp_hex, key.hex())
+
+    def parent_of(self, keys: list[bytes], ci: int) -> bytes:
+        return keys[ci - 1] if ci > 0 else self.fingerprint
+
+    def bump(self, **deltas: float) -> None:
+        with self._stats_lock:
+            for k, v in deltas.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._stats_lock:
+            return dict(vars(self.stats))
+
+    def needs_bounce(self, t: torch.Tensor) -> bool:
+        """Whether the agent cannot use ``t``'s memory directly (see StagingPool)."""
+        if t.device.type == "cuda" and not self.vram_ok:
+            return True
+        if not self.direct or t.device.type != "cpu":
+            return False
+        # O_DIRECT: every segment's address must be aligned, so the base and the strides between
+        # segments (layer, K/V, chunk start) must all be multiples of the alignment.
+        isz = t.element_size()
+        st = t.stride()
+        c = self.geo.chunk_tokens
+        steps = (st[0], c * st[1]) if self.geo.layout.mla else (st[0], st[1], c * st[2])
+        return t.data_ptr() % DIRECT_ALIGN != 0 or any((x * isz) % DIRECT_ALIGN for x in steps)
+
+
+def describe_oserror(exc: OSError, root: os.PathLike[str] | str) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device holding {root}"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"store root {root} is not writable ({exc.strerror})"
+    return f"{exc.strerror or exc} ({exc.filename or root})"

@@ -1,0 +1,166 @@
+"""The write/publish path: unique temporary, preallocate, one NIXL write, fsync, rename.
+
+A chunk exists iff its final file exists. Every byte lands in a temporary named for this writer
+(``<key>.<host>.<pid>.<random>.tmp``) that no reader ever opens; only after the whole batch
+transferred (and, with ``fsync``, reached stable storage) is each temporary renamed into place.
+Any failure unlinks the temporaries, so a failed put never becomes a hit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from vua_nixl.errors import StoreRootError, VuaNixlError
+from vua_nixl.format import encode_header
+from vua_nixl.kvlayout import token_dim
+from vua_nixl.store import planning
+from vua_nixl.store.core import StoreCore, describe_oserror
+from vua_nixl.store.observers import StoredChunk
+from vua_nixl.store.planning import Plan, transfer_rows
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+#: (key, (plan index, chunk index)) of one chunk to write.
+Job = tuple[bytes, tuple[int, int]]
+
+
+class BlockWriter:
+    def __init__(self, core: StoreCore):
+        self.core = core
+
+    def write(self, plans: list[Plan], jobs: list[Job]) -> list[StoredChunk]:
+        """Publish ``jobs`` (batched by file count). Raises with nothing of a failed batch visible."""
+        stored: list[StoredChunk] = []
+        with self._sources(plans, sorted({pi for _, (pi, _) in jobs})) as sources:
+            step = planning.MAX_FILES_PER_TRANSFER
+            for start in range(0, len(jobs), step):
+                stored.extend(self._write_batch(plans, jobs[start : start + step], sources))
+        return stored
+
+    @contextmanager
+    def _sources(self, plans: list[Plan], used: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """Memory the agent writes from, per plan: the KV itself, or a staging-pool copy of its
+        whole chunks when the agent cannot use it directly (made once per put, not per batch)."""
+        core = self.core
+        mems = {pi: plans[pi].mem for pi in used}
+        assert all(m is not None for m in mems.values())
+        bounce = [pi for pi in used if core.needs_bounce(mems[pi])]  # type: ignore[arg-type]
+        tdim = token_dim(core.geo.layout)
+        c = core.geo.chunk_tokens
+        full = {pi: len(plans[pi].keys) * c for pi in bounce}
+        with core.staging.carve([(core.geo.layout.shape(full[pi]), core.geo.dtype) for pi in bounce]) as bufs:
+            sources: dict[int, torch.Tensor] = dict(mems)  # type: ignore[arg-type]
+            for pi, buf in zip(bounce, bufs):
+                buf.copy_(sources[pi].narrow(tdim, 0, full[pi]))
+                sources[pi] = buf
+            yield sources
+
+    def _write_batch(self, plans: list[Plan], jobs: list[Job], host_mem: dict[int, torch.Tensor]) -> list[StoredChunk]:
+        core, geo = self.core, self.core.geo
+        arena = core.arenas["WRITE"]
+        poff, c = geo.payload_off, geo.chunk_tokens
+        temps: list[str] = []
+        fds: list[int] = []
+        regs: list[Optional[tuple[int, int, str]]] = []
+        chunks: list[StoredChunk] = []
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (_O_DIRECT if core.direct else 0)
+        try:
+            with arena.lock:
+                arena.ensure(len(jobs) * poff)
+                hdr_m: list[tuple[int, int, int]] = []
+                hdr_f: list[tuple[int, int, int]] = []
+                pay_m: list[tuple[int, int, int]] = []
+                pay_f: list[tuple[int, int, int]] = []
+                for j, (key, (pi, ci)) in enumerate(jobs):
+                    plan = plans[pi]
+                    src = host_mem[pi]
+                    addrs = geo.segment_addrs(src, ci)
+                    csum = geo.chunk_checksum(src, ci, addrs)
+                    parent = core.parent_of(plan.keys, ci)
+                    toks = plan.tokens[ci * c : (ci + 1) * c]
+                    hdr = encode_header(geo.expected(core.fingerprint, key, parent, toks).make_header(csum))
+                    hdr_addr = arena.addr + j * poff
+                    ctypes.memmove(hdr_addr, hdr, len(hdr))
+                    tmp = core.paths.tmp_file(key.hex())
+                    fd = os.open(tmp, flags, core.config.file_mode)
+                    temps.append(tmp)
+                    fds.append(fd)
+                    _preallocate(fd, geo.file_bytes)
+                    hdr_m.append((hdr_addr, poff, 0))
+                    hdr_f.append((0, poff, fd))
+                    pay_m.extend((a, geo.seg_bytes, src.device.index or 0) for a in addrs)
+                    pay_f.extend((poff + s * geo.seg_bytes, geo.seg_bytes, fd) for s in range(geo.nseg))
+                    chunks.append(StoredChunk(ci, key, parent, toks, geo.file_bytes, core.block_path(key)))
+                regs = core.agent.register_batch([(src, False) for src in host_mem.values()])
+                hm, hf, pm, pf = (np.array(r, dtype=np.uint64) for r in (hdr_m, hdr_f, pay_m, pay_f))
+                mem_type = core.agent.mem_type_of(next(iter(host_mem.values())))
+                with core.agent.files(fds):
+                    transfer_rows(core.agent, "WRITE", hm, hf, pm, pf, mem_type)
+            if core.config.fsync:
+                for fd in fds:
+                    os.fsync(fd)
+            for fd in fds:
+                os.close(fd)
+            fds = []
+            dirs = self._publish(temps, chunks)
+            temps = []
+            if core.config.fsync:
+                for d in dirs:
+                    _fsync_dir(d)
+            return chunks
+        except VuaNixlError:
+            core.bump(write_failures=1)
+            raise
+        except OSError as exc:
+            core.bump(write_failures=1)
+            raise StoreRootError(f"put failed, nothing published: {describe_oserror(exc, core.paths.root)}") from None
+        finally:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            for tmp in temps:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            for reg in regs:
+                core.agent.release(reg)
+
+    @staticmethod
+    def _publish(temps: list[str], chunks: list[StoredChunk]) -> set[str]:
+        """Rename every temporary into place; return the directories touched."""
+        dirs: set[str] = set()
+        for tmp, chunk in zip(temps, chunks):
+            d = os.path.dirname(chunk.path)
+            if d not in dirs:
+                os.makedirs(d, exist_ok=True)
+                dirs.add(d)
+            os.replace(tmp, chunk.path)
+        return dirs
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks up front so a full disk fails here, cleanly, not mid-transfer."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return  # file system cannot preallocate (some NFS); the transfer will report ENOSPC
+        raise
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
