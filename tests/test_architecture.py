@@ -165,3 +165,15 @@ def test_env_reaches_verify_and_info(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vua_nixl", "info", "--json", "--posix-io", "sync"], capture_output=True,
                        text=True, timeout=120, env=env)
     assert json.loads(r.stdout)["engine"] == "sync"
+
+
+def test_a_command_whose_extra_is_missing_says_which_extra_to_install():
+    # sys.modules[name] = None makes `import name` fail as if the package were not installed
+    r = _run("import sys; sys.modules['transformers'] = None\n"
+             "from vua_nixl.cli import main\nraise SystemExit(main(['demo', '--help-not-a-flag']))")
+    assert r.returncode == 2  # argparse: unknown flag, before any import
+    r = _run("import sys; sys.modules['transformers'] = None\n"
+             "from vua_nixl.cli import main\nraise SystemExit(main(['make-model', '--preset', 'tiny', '--out', '/nonexistent/x']))")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "`vua-nixl make-model` needs the optional dependencies of vua-nixl[engine] (missing: transformers)" in r.stderr
+    assert "pip install 'vua-nixl[engine]'" in r.stderr and "Traceback" not in r.stderr

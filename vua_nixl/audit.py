@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -22,6 +23,7 @@ from vua_nixl.agent import NixlAgent, aligned_empty
 from vua_nixl.errors import CorruptBlockError, TransferError
 from vua_nixl.format import checksum, decode_header
 from vua_nixl.paths import StorePaths, parse_tmp_name, writer_gone
+from vua_nixl.store.reader import quarantine, retry_each
 
 log = logging.getLogger(__name__)
 _VERIFY_BATCH_BYTES = 256 << 20
@@ -132,11 +134,7 @@ def verify(
             agent.close()
     if remove:
         for b in bad:
-            try:
-                key_hex = os.path.basename(b.path).split(".")[0]
-                os.replace(b.path, paths.quarantine_file(key_hex))
-            except OSError:
-                pass
+            quarantine(paths, b.path)  # the reader's inode-checked move
     return checked, bad
 
 
@@ -158,17 +156,12 @@ def _verify_batch(agent: NixlAgent, batch: list[tuple[str, str, int]]) -> list[B
         with agent.files(fds):
             try:
                 agent.transfer("READ", mem, fil, "DRAM")
-                results = None
-            except TransferError:
-                results = "one-by-one"
-            for i, ((fp, path, n), o) in enumerate(zip(batch, offs)):
-                if results == "one-by-one":
-                    try:
-                        agent.transfer("READ", mem[i : i + 1], fil[i : i + 1], "DRAM")
-                    except TransferError as exc:
-                        bad.append(BadBlock(path, f"read failed: {exc}"))
-                        continue
-                reason = check_block_bytes(fp, path, ctypes.string_at(base + o, n))
+                errors: list[Optional[str]] = [None] * len(batch)
+            except TransferError:  # as the reader does: trust nothing of the batch, retry each file
+                errors = retry_each([partial(agent.transfer, "READ", mem[i : i + 1], fil[i : i + 1], "DRAM")
+                                     for i in range(len(batch))])
+            for (fp, path, n), o, err in zip(batch, offs, errors):
+                reason = err or check_block_bytes(fp, path, ctypes.string_at(base + o, n))
                 if reason:
                     bad.append(BadBlock(path, reason))
     finally:

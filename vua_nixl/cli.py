@@ -26,11 +26,11 @@ COMMAND_GROUP = "vua_nixl.commands"
 _OUR_PACKAGES = {"vua_nixl", "vua_nixl_engine", "vua_nixl_bench", "dynamo_components"}
 
 
-def _plugins() -> list[Callable[[Any], None]]:
+def _plugins() -> list[tuple[str, Callable[[Any], None]]]:
     found = []
     for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
         try:
-            found.append(ep.load())
+            found.append((ep.name, ep.load()))
         except ImportError as exc:
             if exc.name and exc.name.split(".")[0] in _OUR_PACKAGES:
                 raise  # a bug in the project, not a missing optional dependency
@@ -47,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     store_cli.register(sub)
     prune_cli.register(sub)
-    for register in _plugins():
+    for extra, register in _plugins():
+        before = set(sub.choices)
         register(sub)
+        for name in set(sub.choices) - before:  # remember which extra each command needs
+            sub.choices[name].set_defaults(_extra=extra)
     return parser
 
 
@@ -67,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     except VuaNixlError as exc:  # a clear message, never a traceback, for what we raise on purpose
         log.error("%s", exc)
         return 1
+    except ModuleNotFoundError as exc:
+        extra = getattr(args, "_extra", None)
+        if extra is None or not exc.name or exc.name.split(".")[0] in _OUR_PACKAGES:
+            raise
+        log.error("`vua-nixl %s` needs the optional dependencies of vua-nixl[%s] (missing: %s); "
+                  "install them with: pip install 'vua-nixl[%s]'", args.command, extra, exc.name, extra)
+        return 2
 
 
 if __name__ == "__main__":
