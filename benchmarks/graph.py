@@ -117,7 +117,7 @@ def prefill_computed(graph: Graph) -> int:
 
 def start_graph(args: argparse.Namespace, name: str, use_store: bool, base: Path) -> tuple[Graph, float]:
     spec = GraphSpec(
-        model=args.model, work_dir=str(base / name), prefill=2, decode=1, no_store=not use_store,
+        model=args.model, work_dir=str(base / name), prefill=2, decode=1, no_store=not use_store, http_port=0,
         chunk_tokens=args.chunk_tokens, block_size=16, handoff=args.handoff if use_store else "nixl",
         max_num_seqs=2, kv_cache_tokens=args.kv_cache_tokens, threads_per_worker=args.threads,
         hot_cache_mb=args.hot_cache_mb, namespace=f"bench{name.replace('-', '')}",
@@ -153,6 +153,7 @@ def run_interleaved(args: argparse.Namespace, configs: list[tuple[str, bool]], w
         def send(kind: str, source: str, prompt_for: dict[str, str]) -> None:
             for name, g in graphs.items():
                 r = stream_completion(g.url, g.model_name, prompt_for[name], args.max_tokens)
+                r["token_ids"] = list((g.worker_stats("decode-0").get("last") or {}).get("output") or [])
                 row = _row(kind, source, r)
                 out[name]["rows"].append(row)
                 log.info("[%s] %s ttft %.3f s (total %.3f s) prompt %d cached %d", name, kind, row["ttft_s"],
@@ -190,6 +191,7 @@ def _row(kind: str, source: str, r: dict[str, Any]) -> dict[str, Any]:
         "prompt_tokens": int(u.get("prompt_tokens") or 0),
         "cached_tokens": int(((u.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0),
         "text": r["text"],
+        "token_ids": r.get("token_ids") or [],
     }
 
 
@@ -214,8 +216,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     if "store" in out and "no-store" in out:
         out["repeat_p50_speedup"] = out["no-store"]["repeat"]["ttft_p50_s"] / out["store"]["repeat"]["ttft_p50_s"]
         out["repeat_p90_speedup"] = out["no-store"]["repeat"]["ttft_p90_s"] / out["store"]["repeat"]["ttft_p90_s"]
-        same = [a["text"] == b["text"] for a, b in zip(results[0]["rows"], results[1]["rows"])]
+        # compare token ids (the decode worker's record); an empty output is never "identical"
+        pairs = list(zip(results[0]["rows"], results[1]["rows"]))
+        same = [bool(a["token_ids"]) and a["token_ids"] == b["token_ids"] for a, b in pairs]
         out["identical_outputs"] = f"{sum(same)}/{len(same)}"
+        out["empty_outputs"] = sum(1 for a, b in pairs for r in (a, b) if not r["token_ids"] or not r["text"])
     return out
 
 

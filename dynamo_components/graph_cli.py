@@ -19,7 +19,6 @@ def register(subparsers: Any) -> None:
         "up",
         help="run a local Dynamo graph (frontend + prefill/decode workers) on the shared store",
         description=(graph.__doc__ or "").split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     graph.add_arguments(p)
     p.set_defaults(func=_up)

@@ -425,8 +425,8 @@ class SharedTierAdvertiser(StoreObserver):
                 h = read_header_file(self.store.block_path(key))
             except (OSError, VuaNixlError):
                 continue  # gone already, or not a valid block: nothing to advertise
-            if h.key != key or h.namespace != root:
-                continue
+            if h.key != key or h.namespace != root or len(h.tokens) != 8 * int(self.store.chunk_tokens):
+                continue  # (a sealed tenant block carries a digest, not token ids: not advertised)
             toks = np.frombuffer(h.tokens, dtype="<i8").tolist()
             out.append(StoredRecord(key.hex(), None if h.parent == root else h.parent.hex(), toks))
         return out

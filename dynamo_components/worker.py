@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional
 
 from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from dynamo_components.handoff import (
     MODE_NIXL,
@@ -55,7 +56,7 @@ from dynamo_components.handoff import (
     NixlKvImporter,
     store_params,
 )
-from vua_nixl.config import add_config_flags, config_from_args
+from vua_nixl.config import TypedConfig, add_config_flags, config_from_args
 from vua_nixl.errors import InvalidInputError
 
 log = logging.getLogger("dynamo_components.worker")
@@ -65,7 +66,7 @@ ROLES = ("aggregated", "prefill", "decode")
 HANDOFF_ANNOTATION = "vua_handoff="
 
 
-class WorkerConfig(BaseSettings):
+class WorkerConfig(TypedConfig):
     """Everything a worker process needs. Each field is one flag (``--chunk-tokens``) and one
     environment variable (``VUA_NIXL_WORKER_CHUNK_TOKENS``); the Dynamo namespace also reads
     ``DYN_NAMESPACE``, which the Dynamo operator sets in every pod. Store tunables (backend,
@@ -120,8 +121,29 @@ class WorkerStats:
     handoff_failures: int = 0
     hot_hits: int = 0
     cancelled: int = 0
+    saved_generated_tokens: int = 0
     ttft_s_total: float = 0.0
     last: dict[str, Any] = field(default_factory=dict)
+
+
+def http_error_for(exc: BaseException) -> Exception:
+    """The Dynamo exception the frontend turns into an HTTP status with ``exc``'s message.
+
+    Invalid requests (a prompt longer than the context, token ids outside the vocabulary) are
+    ``InvalidArgument`` (400, the message reaches the client); a full KV pool is 503; other
+    engine and store errors are 500 with the error type and message."""
+    from dynamo.llm import HttpError
+    from dynamo.llm.exceptions import DynamoException, InvalidArgument
+
+    from vua_nixl_engine.errors import OutOfBlocksError
+
+    if isinstance(exc, (DynamoException, HttpError)):
+        return exc  # type: ignore[return-value]
+    if isinstance(exc, OutOfBlocksError):
+        return HttpError(503, f"worker KV cache is full, retry later: {exc}")
+    if isinstance(exc, InvalidInputError):
+        return InvalidArgument(str(exc))
+    return HttpError(500, f"{type(exc).__name__}: {exc}")
 
 
 def _dtype_kv_ok(engine: Any, kv: Any) -> bool:
@@ -157,6 +179,10 @@ class VuaWorker:
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vua-worker")
         self._housekeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-house")
         self._stopping = asyncio.Event()
+        # Prefills are serialized by the engine anyway; doing lookup -> prefill -> hot-cache
+        # insert under one lock makes a concurrent identical prompt wait for its sibling's
+        # prefix instead of computing it a second time.
+        self._prefill_lock = threading.Lock()
 
     # ---- setup ------------------------------------------------------------------------------
     def build_engine(self) -> None:
@@ -378,8 +404,12 @@ class VuaWorker:
                     yield out
         except Exception as exc:
             self.stats.errors += 1
-            log.exception("request failed")
-            yield {"token_ids": [], "finish_reason": f"error: {type(exc).__name__}: {exc}"}
+            err = http_error_for(exc)
+            if getattr(err, "code", 400) >= 500:
+                log.exception("request failed")
+            else:
+                log.info("request rejected: %s", exc)
+            raise err from exc
         finally:
             self.write_stats()
 
@@ -389,6 +419,10 @@ class VuaWorker:
         The engine computes at least the last prompt token (it needs its logits), so at most
         ``len(tokens) - 1`` tokens are reused. Afterwards the prompt's KV joins the hot cache.
         """
+        with self._prefill_lock:
+            return self._run_prefill_locked(tokens, save)
+
+    def _run_prefill_locked(self, tokens: list[int], save: bool) -> tuple[Any, Any]:
         seq = None
         hot_n, hot_kv = (0, None)
         if self.hot is not None and len(tokens) > 1:
@@ -574,9 +608,19 @@ class VuaWorker:
                 tok = await loop.run_in_executor(self._pool, self.engine.step, seq)
         finally:
             self.stats.last = {**self.stats.last, "output": output, "finish_reason": finish}
-            await loop.run_in_executor(self._pool, self.engine.free, seq)
-            if self.opts.role == "aggregated":
-                self._after_request(tokens)
+            full = list(seq.tokens)
+            await loop.run_in_executor(self._pool, self._end_sequence, seq)
+            self._after_request(full)
+
+    def _end_sequence(self, seq: Any) -> None:
+        """Save the KV of the prompt and the generated tokens (full chunks), then free."""
+        try:
+            if self.store is not None:
+                self.stats.saved_generated_tokens += max(0, self.engine.save_sequence(seq) - seq.prompt_len)
+        except Exception:
+            log.warning("saving a finished sequence failed", exc_info=True)
+        finally:
+            self.engine.free(seq)
 
 
 # ---- command line ---------------------------------------------------------------------------------

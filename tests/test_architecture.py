@@ -152,6 +152,7 @@ def test_env_reaches_the_lifecycle_pruner(tmp_path, monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GDS may start on a GPU host")
 def test_env_reaches_verify_and_info(tmp_path):
     root = tmp_path / "root"
+    root.mkdir()
     env = {**os.environ, "VUA_NIXL_BACKEND": "GDS", "VUA_NIXL_ROOT": str(root)}
     r = subprocess.run([sys.executable, "-m", "vua_nixl", "verify"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1

@@ -52,7 +52,7 @@ def graph(tmp_path_factory):
     from dynamo_components.graph import Graph, GraphSpec
 
     spec = GraphSpec(
-        model="tiny", work_dir=str(tmp_path_factory.mktemp("graph")), prefill=2, decode=1,
+        model="tiny", work_dir=str(tmp_path_factory.mktemp("graph")), prefill=2, decode=1, http_port=0,
         chunk_tokens=CHUNK, block_size=BLOCK, default_max_tokens=16,
     )
     g = Graph(spec)
@@ -258,7 +258,7 @@ def test_aggregated_graph_store_aware(ns, graph, reference, tmp_path_factory):
     from dynamo_components.graph import Graph, GraphSpec
 
     spec = GraphSpec(
-        model=graph.model_dir, work_dir=str(tmp_path_factory.mktemp("agg")), aggregated=2,
+        model=graph.model_dir, work_dir=str(tmp_path_factory.mktemp("agg")), aggregated=2, http_port=0,
         chunk_tokens=CHUNK, block_size=BLOCK, hot_cache_mb=0, namespace="vuaagg",
     )
     with Graph(spec) as agg:

@@ -455,3 +455,32 @@ def test_cli_demo_tiny(tmp_path):
     assert reqs[3]["reused_tokens"] > 0
     assert all(r["same_output"] for r in reqs)  # tiny model: margins are wide
     assert (out / "demo_ttft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generation_only_emits_ids_the_tokenizer_can_decode():
+    """A padded embedding table (like qwen2-0.5b's 151,936 rows against its offline tokenizer)
+    never yields undecodable ids: greedy picks are restricted to the tokenizer's ids."""
+    import dataclasses
+
+    from vua_nixl_engine.presets import PRESETS
+
+    padded = dataclasses.replace(PRESETS["tiny"], name="tiny-padded", vocab_size=4096, tokenizer_vocab=512)
+    eng = Engine(build_preset(padded, dtype=torch.float32))
+    assert eng.vocab_size == 4096 and eng.emit_limit == len(eng.tokenizer) <= 512
+    # make the padded rows win every argmax unless they are masked
+    with torch.no_grad():
+        eng.model.get_input_embeddings().weight[eng.emit_limit:] *= 50.0
+    ids = eng.encode("The quick brown fox jumps over the lazy dog.")
+    out = eng.generate(ids, max_new_tokens=24, use_store=False, save=False, stop_at_eos=False).token_ids
+    assert out and max(out) < eng.emit_limit
+    assert eng.decode(out).strip(), out
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "qwen2-0.5b"])
+def test_every_preset_tokenizer_fits_its_vocabulary(name):
+    from vua_nixl_engine.presets import PRESETS
+    from vua_nixl_engine.tokenizer import build_tokenizer
+
+    p = PRESETS[name]
+    tok, _ = build_tokenizer(p.tokenizer_vocab, p.max_context)
+    assert 259 < len(tok) <= p.vocab_size  # specials + 256 bytes + merges: every byte decodable

@@ -1,7 +1,8 @@
 """Fuzzing the block header parser (hypothesis).
 
 `vua_nixl.format.decode_header` reads bytes that anyone with write access to a shared root can
-plant. Properties: it raises nothing but CorruptBlockError, anything it accepts is well typed,
+plant. Properties: it raises nothing but CorruptBlockError (or NewerFormatError, for a version field
+that now reads as a future version: refused, never served), anything it accepts is well typed,
 and its memory use is bounded by the size of its input, never by what the header claims.
 """
 
@@ -15,7 +16,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vua_nixl.errors import CorruptBlockError
+from vua_nixl.errors import CorruptBlockError, NewerFormatError
 from vua_nixl.format import (
     _PREFIX,
     FORMAT_VERSION,
@@ -37,12 +38,12 @@ GOOD = encode_header(ExpectedBlock(
 
 
 def decode_bounded(buf: bytes) -> BlockHeader | None:
-    """decode_header, asserting it raises only CorruptBlockError and allocates O(len(buf))."""
+    """decode_header, asserting it raises only CorruptBlockError / NewerFormatError and allocates O(len(buf))."""
     tracemalloc.start()
     try:
         try:
             h = decode_header(buf)
-        except CorruptBlockError:
+        except (CorruptBlockError, NewerFormatError):
             h = None
         _, peak = tracemalloc.get_traced_memory()
     finally:

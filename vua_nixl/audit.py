@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,12 +21,15 @@ import torch
 import xxhash
 
 from vua_nixl.agent import NixlAgent, aligned_empty
-from vua_nixl.errors import CorruptBlockError, TransferError
-from vua_nixl.format import checksum, decode_header
-from vua_nixl.paths import StorePaths, parse_tmp_name, writer_gone
+from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError
+from vua_nixl.format import FORMAT_VERSION, checksum, decode_header
+from vua_nixl.paths import StorePaths, note_odd_name, parse_tmp_name, writer_gone
+from vua_nixl.safeio import open_regular
 from vua_nixl.store.reader import quarantine, retry_each
 
 log = logging.getLogger(__name__)
+#: No chunk of any real model comes near this; a larger file under a block name is not read.
+MAX_BLOCK_BYTES = 1 << 30
 _VERIFY_BATCH_BYTES = 256 << 20
 
 
@@ -84,15 +88,24 @@ def inventory(root: str | os.PathLike[str], progress: Optional[Callable[[int], N
     return inv
 
 
+#: Prefix of a BadBlock reason for a block of a newer format (reported, never removed).
+NEWER = "newer format: "
+
+
 @dataclass
 class BadBlock:
     path: str
     reason: str
+    inode: Optional[tuple[int, int]] = None  # (st_dev, st_ino) of the file that was judged
+
+    @property
+    def newer(self) -> bool:
+        return self.reason.startswith(NEWER)
 
 
-def iter_block_paths(paths: StorePaths) -> Iterator[tuple[str, str]]:
+def iter_block_paths(paths: StorePaths, include_odd: bool = False) -> Iterator[tuple[str, str]]:
     for fp, _ in paths.namespaces():
-        for entry in paths.blocks(fp):
+        for entry in paths.blocks(fp, include_odd=include_odd):
             yield fp, entry.path
 
 
@@ -111,10 +124,16 @@ def verify(
     batch: list[tuple[str, str, int]] = []
     size = 0
     try:
-        for fp, path in iter_block_paths(paths):
+        for fp, path in iter_block_paths(paths, include_odd=True):
             try:
-                n = os.stat(path).st_size
+                st = os.lstat(path)
             except FileNotFoundError:
+                continue
+            n = st.st_size
+            if not stat.S_ISREG(st.st_mode) or n > MAX_BLOCK_BYTES:
+                why = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"{n} bytes: larger than any block"
+                bad.append(BadBlock(path, why, (st.st_dev, st.st_ino)))
+                checked += 1
                 continue
             if size + n > _VERIFY_BATCH_BYTES and batch:
                 bad.extend(_verify_batch(agent, batch))
@@ -134,7 +153,8 @@ def verify(
             agent.close()
     if remove:
         for b in bad:
-            quarantine(paths, b.path)  # the reader's inode-checked move
+            if not b.newer:  # data of a newer build is not ours to judge: never moved
+                quarantine(paths, b.path, expect=b.inode)  # the reader's inode-checked move
     return checked, bad
 
 
@@ -146,8 +166,12 @@ def _verify_batch(agent: NixlAgent, batch: list[tuple[str, str, int]]) -> list[B
     fds: list[int] = []
     try:
         offs, off = [], 0
+        inodes = []
         for _, path, n in batch:
-            fds.append(os.open(path, os.O_RDONLY))
+            fd = open_regular(path)  # swapped for a FIFO or link since the walk: refused, not read
+            fds.append(fd)
+            st = os.fstat(fd)
+            inodes.append((st.st_dev, st.st_ino))
             offs.append(off)
             off += -(-n // 4096) * 4096
         base = buf.data_ptr()
@@ -160,10 +184,10 @@ def _verify_batch(agent: NixlAgent, batch: list[tuple[str, str, int]]) -> list[B
             except TransferError:  # as the reader does: trust nothing of the batch, retry each file
                 errors = retry_each([partial(agent.transfer, "READ", mem[i : i + 1], fil[i : i + 1], "DRAM")
                                      for i in range(len(batch))])
-            for (fp, path, n), o, err in zip(batch, offs, errors):
+            for (fp, path, n), o, err, ino in zip(batch, offs, errors, inodes):
                 reason = err or check_block_bytes(fp, path, ctypes.string_at(base + o, n))
                 if reason:
-                    bad.append(BadBlock(path, reason))
+                    bad.append(BadBlock(path, reason, ino))
     finally:
         for fd in fds:
             os.close(fd)
@@ -177,11 +201,15 @@ def check_block_bytes(fp_hex: str, path: str, data: bytes) -> Optional[str]:
         h = decode_header(data)
     except CorruptBlockError as exc:
         return str(exc)
+    except NewerFormatError as exc:
+        return NEWER + str(exc)
     if h.namespace.hex() != fp_hex:
         return "namespace in header does not match its directory"
     if os.path.basename(path) != h.key.hex() + ".kvb":
         return "key in header does not match the file name"
-    if xxhash.xxh3_128_digest(h.parent + h.tokens) != h.key:
+    # A sealed (tenant) block's key chain and MAC need the tenant's secret: without it only its
+    # structure and payload checksum are checked here; its reader checks the rest on every load.
+    if h.version == FORMAT_VERSION and xxhash.xxh3_128_digest(h.parent + h.tokens) != h.key:
         return "key is not the hash of parent key and tokens"
     if len(data) != h.payload_offset + h.payload_len:
         return f"size {len(data)} != header offset + length {h.payload_offset + h.payload_len}"
@@ -193,19 +221,23 @@ def check_block_bytes(fp_hex: str, path: str, data: bytes) -> Optional[str]:
 def gc_temporaries(root: str | os.PathLike[str], max_age_s: float = 3600.0, now: Optional[float] = None) -> tuple[int, int]:
     """Remove temp files left by dead or long-gone writers; return (files, bytes) removed.
 
-    A temp file is removable when it is older than ``max_age_s`` or when its writer was on this
-    host and that process no longer exists. Live writers on other hosts are left alone until the
-    age limit, so gc is safe on a shared mount.
+    A temp file is removable when it is older than ``max_age_s`` or when its writer is provably
+    dead: same host, same boot and PID namespace (:func:`~vua_nixl.paths.namespace_id` in the
+    name) and its pid gone. Writers on other hosts or in other containers are left alone until
+    the age limit, so gc is safe on a shared mount and between containers sharing a host name.
+    Names that are not ours are never judged by pid (skipped and counted), only by age.
     """
     paths = StorePaths(root)
     now = time.time() if now is None else now
     removed = nbytes = 0
     for entry in paths.temporaries():
         try:
-            st = entry.stat()
+            st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
         owner = parse_tmp_name(entry.name)
+        if owner is None:
+            note_odd_name("temporary", entry.name)
         dead = writer_gone(owner)
         if dead or now - st.st_mtime > max_age_s:
             try:

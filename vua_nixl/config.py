@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, TypeVar, Union
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vua_nixl.errors import InvalidInputError
@@ -53,7 +53,27 @@ PosixIO = Literal["auto", "uring", "aio", "posix_aio", "sync"]
 EvictionPolicy = Literal["lru", "lfu", "ttl"]
 
 
-class StoreConfig(BaseSettings):
+class TypedConfig(BaseSettings):
+    """Base of every component config: a bad value (argument or environment) is an
+    :class:`InvalidInputError` naming the field and its variable, never a pydantic traceback."""
+
+    def __init__(self, **values: Any):
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise InvalidInputError(describe_validation(type(self), exc)) from None
+
+
+def describe_validation(model: type[BaseSettings], exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(x) for x in err.get("loc", ())) or "?"
+        env = env_var(model, name) if name in model.model_fields else name
+        parts.append(f"{name} (env {env}): {err.get('msg')}; got {err.get('input')!r}")
+    return f"invalid {model.__name__}: " + "; ".join(parts)
+
+
+class StoreConfig(TypedConfig):
     model_config = SettingsConfigDict(env_prefix="VUA_NIXL_", extra="forbid", validate_assignment=True)
 
     root: Path = Field(default=Path("~/.cache/vua-nixl/store"), description="store root directory")
@@ -76,6 +96,10 @@ class StoreConfig(BaseSettings):
     agent_name: Optional[str] = Field(default=None, description="NIXL agent name; unique per process by default")
     low_water: float = Field(default=0.9, gt=0, le=1, description="over a limit, evict down to this fraction of it")
     prune_period_s: float = Field(default=60.0, gt=0, description="seconds between background pruning rounds")
+    lease_s: float = Field(default=10.0, gt=0, description="root lease: holders renew every lease_s/3")
+    lease_margin_s: float = Field(default=5.0, ge=0, description="root lease: broken after lease_s + this, unrenewed")
+    lease_wait_s: float = Field(default=300.0, gt=0, description="root lease: give up acquiring after this long")
+    ledger_rescan_s: float = Field(default=30.0, gt=0, description="a guard rescans the root at least this often")
 
     @field_validator("root", mode="after")
     @classmethod
@@ -91,7 +115,18 @@ class StoreConfig(BaseSettings):
     @classmethod
     def _octal(cls, v: object) -> object:
         if isinstance(v, str):
-            return int(v, 8)
+            try:
+                return int(v, 8)
+            except ValueError:
+                raise ValueError("must be an octal mode such as 644") from None
+        return v
+
+    @field_validator("file_mode", mode="after")
+    @classmethod
+    def _safe_mode(cls, v: int) -> int:
+        # Block files are shared read-mostly data: no setuid/setgid/sticky bit, no world write.
+        if v & ~0o775:
+            raise ValueError(f"mode {v:o} adds bits outside 775 (setuid, setgid, sticky or world-write)")
         return v
 
 

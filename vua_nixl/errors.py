@@ -41,3 +41,7 @@ class SplitFactorError(InvalidInputError):
 
     def __init__(self, n: int, split_factor: int):
         super().__init__(f"{n} tokens is not a multiple of split_factor {split_factor}")
+
+
+class NewerFormatError(StoreRootError):
+    """A root or block written by a newer vua-nixl. Never treated as corrupt: left untouched."""

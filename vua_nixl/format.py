@@ -15,6 +15,7 @@ from a header is ever used to size an allocation.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -24,10 +25,16 @@ import msgpack
 import numpy as np
 import xxhash
 
-from vua_nixl.errors import CorruptBlockError
+from vua_nixl.errors import CorruptBlockError, NewerFormatError
+from vua_nixl.safeio import open_regular
 
 MAGIC = b"VUANIXL\x00"
+#: Block format versions: 1 = plain blocks (token ids in clear, XXH3 payload checksum);
+#: 2 = tenant-sealed blocks (token ids as a keyed digest, a keyed MAC over header and payload).
+#: This build writes both and reads both; a higher version is refused as newer, never as corrupt.
 FORMAT_VERSION = 1
+SEALED_VERSION = 2
+NEWEST_VERSION = SEALED_VERSION
 ALIGN = 4096
 _PREFIX = struct.Struct("<8sIIQQ")
 PREFIX_BYTES = _PREFIX.size  # 32
@@ -56,8 +63,17 @@ class BlockHeader:
     checksum: int
     created: float
     version: int = FORMAT_VERSION
+    mac: bytes = b""  # sealed (tenant) blocks only: keyed BLAKE2b over mac_fields() and the payload
 
     def to_fields(self) -> dict[str, Any]:
+        fields = self.mac_fields()
+        fields["created"] = self.created
+        if self.version == SEALED_VERSION:
+            fields["mac"] = self.mac
+        return fields
+
+    def mac_fields(self) -> dict[str, Any]:
+        """Every field a sealed block's MAC covers (all but the MAC itself and the time)."""
         return {
             "v": self.version,
             "ns": self.namespace,
@@ -70,8 +86,10 @@ class BlockHeader:
             "off": self.payload_offset,
             "len": self.payload_len,
             "xxh3": self.checksum,
-            "created": self.created,
         }
+
+    def mac_input(self) -> bytes:
+        return msgpack.packb(self.mac_fields(), use_bin_type=True)
 
 
 def encode_header(header: BlockHeader) -> bytes:
@@ -79,7 +97,7 @@ def encode_header(header: BlockHeader) -> bytes:
     body = msgpack.packb(header.to_fields(), use_bin_type=True)
     if PREFIX_BYTES + len(body) > header.payload_offset:
         raise ValueError(f"header of {len(body)} bytes does not fit before offset {header.payload_offset}")
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(body), xxhash.xxh3_64_intdigest(body), 0)
+    prefix = _PREFIX.pack(MAGIC, header.version, len(body), xxhash.xxh3_64_intdigest(body), 0)
     return (prefix + body).ljust(header.payload_offset, b"\0")
 
 
@@ -98,8 +116,10 @@ def decode_header(buf: bytes | memoryview) -> BlockHeader:
     magic, version, hlen, hsum, _ = _PREFIX.unpack_from(buf, 0)
     if magic != MAGIC:
         raise CorruptBlockError("bad magic: not a vua-nixl block file")
-    if version != FORMAT_VERSION:
-        raise CorruptBlockError(f"unsupported block format version {version} (this build reads {FORMAT_VERSION})")
+    if version > NEWEST_VERSION:
+        raise NewerFormatError(f"block format version {version} is newer than this build reads ({NEWEST_VERSION})")
+    if version not in (FORMAT_VERSION, SEALED_VERSION):
+        raise CorruptBlockError(f"unsupported block format version {version}")
     if hlen > MAX_HEADER_BYTES or PREFIX_BYTES + hlen > len(buf):
         raise CorruptBlockError(f"header length {hlen} exceeds the header area of {len(buf) - PREFIX_BYTES} bytes")
     body = bytes(buf[PREFIX_BYTES : PREFIX_BYTES + hlen])
@@ -118,8 +138,16 @@ def decode_header(buf: bytes | memoryview) -> BlockHeader:
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise CorruptBlockError(f"header shape {shape!r} is not a list of positive ints")
     layout = _field(fields, "layout", dict)
+    if _field(fields, "v", int) != version:
+        raise CorruptBlockError(f"header version {fields['v']} disagrees with the prefix ({version})")
+    mac = b""
+    if version == SEALED_VERSION:
+        mac = _field(fields, "mac", bytes)
+        if len(mac) != 16:
+            raise CorruptBlockError("sealed block without a 16-byte MAC")
     return BlockHeader(
-        version=_field(fields, "v", int),
+        mac=mac,
+        version=version,
         namespace=_field(fields, "ns", bytes),
         key=_field(fields, "key", bytes),
         parent=_field(fields, "parent", bytes),
@@ -147,20 +175,23 @@ class ExpectedBlock:
     layout: dict[str, Any]
     payload_offset: int
     payload_len: int
+    version: int = FORMAT_VERSION
 
     def check(self, header: BlockHeader) -> None:
-        for name in ("namespace", "key", "parent", "tokens", "dtype", "shape", "layout", "payload_offset", "payload_len"):
+        for name in ("version", "namespace", "key", "parent", "tokens", "dtype", "shape", "layout", "payload_offset",
+                     "payload_len"):
             if getattr(header, name) != getattr(self, name):
                 raise CorruptBlockError(f"header field {name} does not match the requested block")
 
     def file_size(self) -> int:
         return self.payload_offset + self.payload_len
 
-    def make_header(self, checksum: int, created: Optional[float] = None) -> BlockHeader:
+    def make_header(self, checksum: int, created: Optional[float] = None, mac: bytes = b"") -> BlockHeader:
         return BlockHeader(
             namespace=self.namespace, key=self.key, parent=self.parent, tokens=self.tokens,
             dtype=self.dtype, shape=self.shape, layout=self.layout, payload_offset=self.payload_offset,
             payload_len=self.payload_len, checksum=checksum, created=time.time() if created is None else created,
+            version=self.version, mac=mac,
         )
 
 
@@ -173,15 +204,19 @@ def checksum(segments: Iterable[Any]) -> int:
 
 
 def read_header_file(path: str, span: Optional[int] = None) -> BlockHeader:
-    """Read and decode a block file's header with plain I/O (used by audit tools, not the data path)."""
-    with open(path, "rb") as f:
-        head = f.read(PREFIX_BYTES)
+    """Read and decode a block file's header with plain I/O (used by audit tools, not the data path).
+    Symlinks and non-regular files are refused without blocking (see :mod:`vua_nixl.safeio`)."""
+    fd = open_regular(path)
+    try:
+        head = os.pread(fd, PREFIX_BYTES, 0)
         if len(head) < PREFIX_BYTES:
             raise CorruptBlockError("file shorter than the prefix")
         _, _, hlen, _, _ = _PREFIX.unpack_from(head, 0)
         if hlen > MAX_HEADER_BYTES:
             raise CorruptBlockError(f"header length {hlen} exceeds the maximum")
-        return decode_header(head + f.read(hlen))
+        return decode_header(head + os.pread(fd, hlen, PREFIX_BYTES))
+    finally:
+        os.close(fd)
 
 
 def as_bytes_view(arr: np.ndarray) -> memoryview:

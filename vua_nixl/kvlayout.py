@@ -25,6 +25,10 @@ from vua_nixl.keys import KVLayout
 def _check_tensor(t: Any, what: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise InvalidInputError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise InvalidInputError(f"{what} is a {t.layout} tensor; the store moves dense (strided) tensors only")
+    if t.device.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"{what} is on device {t.device}; the store moves CPU or CUDA memory only")
     if t.dtype not in DTYPES.values():
         raise InvalidInputError(f"{what} has unsupported dtype {t.dtype}; supported: {', '.join(DTYPES)}")
     return t
@@ -141,4 +145,17 @@ def check_out(out: torch.Tensor, layout: KVLayout, dtype: str) -> int:
         raise LayoutMismatchError(f"out shape {tuple(out.shape)} is not {_shape_doc(layout)} for this namespace")
     if not _inner_contiguous(out, tdim):
         raise InvalidInputError("out must be contiguous from the token dimension inward")
+    if not non_overlapping(out):
+        raise InvalidInputError("out has overlapping strides (two elements share memory); give a dense buffer")
     return int(out.shape[tdim])
+
+
+def non_overlapping(t: torch.Tensor) -> bool:
+    """Whether no two elements of ``t`` share memory (dims sorted by stride, each stride must
+    clear the span of the smaller ones)."""
+    span = 1
+    for st, sz in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if st < span:
+            return False
+        span += st * (sz - 1)
+    return True

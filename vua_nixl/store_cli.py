@@ -8,17 +8,20 @@ import argparse
 import json
 import logging
 import os
+import tempfile
 from typing import Any
 
 from vua_nixl.agent import NixlAgent, nixl_version
 from vua_nixl.audit import gc_temporaries, inventory, verify
 from vua_nixl.config import StoreConfig, add_config_flags, config_from_args
-from vua_nixl.lifecycle.prune_cli import add_limit_args, run_prune
+from vua_nixl.lifecycle.prune_cli import add_limit_args, run_prune, writable_root
 from vua_nixl.paths import StorePaths
 from vua_nixl.tables import print_table
 
 log = logging.getLogger(__name__)
 
+#: Exit code when data of a newer format was found and left untouched.
+EXIT_NEWER = 3
 #: StoreConfig fields that choose and tune the NIXL agent (info, verify).
 AGENT_FIELDS = ("backend", "posix_io", "direct_io", "transfer_timeout_s")
 
@@ -33,9 +36,17 @@ def _config(args: argparse.Namespace) -> StoreConfig:
 
 
 def make_agent(cfg: StoreConfig, probe_dir: str | os.PathLike[str]) -> NixlAgent:
-    """The agent every command builds from one config (so VUA_NIXL_BACKEND etc. reach it)."""
-    return NixlAgent(cfg.backend, posix_io=cfg.posix_io, probe_dir=probe_dir, direct_io=cfg.direct_io,
-                     timeout_s=cfg.transfer_timeout_s)
+    """The agent every command builds from one config (so VUA_NIXL_BACKEND etc. reach it).
+
+    The backend probe writes a small file; on a root this process cannot write (a read-only
+    mount, an auditor's account) it probes in a private temporary directory instead, so
+    read-only commands work there."""
+    if os.access(probe_dir, os.W_OK | os.X_OK):
+        return NixlAgent(cfg.backend, posix_io=cfg.posix_io, probe_dir=probe_dir, direct_io=cfg.direct_io,
+                         timeout_s=cfg.transfer_timeout_s)
+    with tempfile.TemporaryDirectory(prefix="vua-nixl-probe-") as private:
+        return NixlAgent(cfg.backend, posix_io=cfg.posix_io, probe_dir=private, direct_io=cfg.direct_io,
+                         timeout_s=cfg.transfer_timeout_s)
 
 
 def register(sub: Any) -> None:
@@ -99,7 +110,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows = []
     for n in inv.namespaces:
         d = n.description
-        lay = d.get("layout", {})
+        raw_layout = d.get("layout")
+        lay = raw_layout if isinstance(raw_layout, dict) else {}
         rows.append((
             n.fingerprint[:12], d.get("model"), d.get("dtype"),
             f"L{lay.get('num_layers')} H{lay.get('kv_heads')} D{lay.get('head_dim')}{' MLA' if lay.get('mla') else ''}",
@@ -114,18 +126,29 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     cfg = _config(args)
     paths = StorePaths(cfg.root)
-    agent = make_agent(cfg, paths.tmp)
+    paths.check_readable()
+    if args.remove:
+        writable_root(cfg, "verify --remove")
+    agent = make_agent(cfg, paths.tmp if paths.tmp.is_dir() else paths.root)
     try:
         checked, bad = verify(cfg.root, agent=agent, remove=args.remove)
     finally:
         agent.close()
+    newer = [b for b in bad if b.newer]
+    bad = [b for b in bad if not b.newer]
     if args.json:
-        print(json.dumps({"checked": checked, "bad": [b.__dict__ for b in bad], "removed": args.remove}, indent=2))
+        print(json.dumps({"checked": checked, "bad": [{"path": b.path, "reason": b.reason} for b in bad],
+                          "newer": [{"path": b.path, "reason": b.reason} for b in newer], "removed": args.remove}, indent=2))
     else:
         for b in bad:
             print(f"BAD {b.path}: {b.reason}")
-        print(f"{checked} blocks checked, {len(bad)} bad{' (quarantined)' if args.remove and bad else ''}")
-    return 1 if bad and not args.remove else 0
+        for b in newer:
+            print(f"NEWER {b.path}: {b.reason} (left untouched)")
+        print(f"{checked} blocks checked, {len(bad)} bad{' (quarantined)' if args.remove and bad else ''}"
+              + (f", {len(newer)} of a newer format (upgrade vua-nixl to check them)" if newer else ""))
+    if bad and not args.remove:
+        return 1
+    return EXIT_NEWER if newer else 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -141,6 +164,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    writable_root(cfg, "gc")
     removed, nbytes = gc_temporaries(cfg.root, cfg.tmp_max_age_s)
     pruned = None
     if cfg.max_bytes is not None or cfg.max_age_s is not None:

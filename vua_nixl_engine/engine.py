@@ -137,6 +137,11 @@ class Engine:
         self.eos_token_ids = list(loaded.eos_token_ids)
         self.num_layers, self.kv_heads, self.head_dim = kv_shape_of(self.model.config)
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
+        # Ids the model may emit: those the tokenizer can decode. Like engines mask a padded
+        # vocabulary, greedy picks never land on embedding rows past the tokenizer (a preset's
+        # offline tokenizer is much smaller than e.g. Qwen's 151,936-row table).
+        n_tok = len(self.tokenizer) if self.tokenizer is not None else self.vocab_size
+        self.emit_limit = max(1, min(self.vocab_size, int(n_tok)))
         self.dtype = next(self.model.parameters()).dtype
         self.block_size = int(block_size)
         if num_blocks is None:
@@ -355,7 +360,7 @@ class Engine:
             t1 = time.perf_counter()
             stats.computed_tokens = len(seq.tokens) - seq.num_computed
             logits = self._forward(seq)
-            first = int(torch.argmax(logits))
+            first = self._pick(logits)
             stats.compute_s = time.perf_counter() - t1
             stats.ttft_s = time.perf_counter() - t0
             stats.cpu_s = time.process_time() - c0
@@ -376,6 +381,21 @@ class Engine:
             seq.stored_tokens = n_full
         return n_full if ok else 0
 
+    def save_sequence(self, seq: Sequence) -> int:
+        """Queue the full chunks of everything computed so far, prompt *and* generated tokens
+        (call it when a request ends, before :meth:`free`): the next turn of a chat, whose
+        prompt is this prompt + this reply, then reuses both. Returns the tokens queued."""
+        with self._lock:
+            if self.saver is None or not self.chunk_tokens:
+                return 0
+            n_full = (seq.num_computed // self.chunk_tokens) * self.chunk_tokens
+            if n_full <= seq.stored_tokens:
+                return 0
+            ok = self.saver.submit(np.asarray(seq.tokens, dtype=np.int64), seq.block_table, seq.blocks, n_full)
+            if ok:
+                seq.stored_tokens = n_full
+            return n_full if ok else 0
+
     def append(self, seq: Sequence, token: int) -> None:
         """Append a token (e.g. the first token computed by a prefill worker) to be fed by step()."""
         with self._lock:
@@ -388,9 +408,13 @@ class Engine:
         with self._lock:
             self._check_length(len(seq.tokens) + 1)
             logits = self._forward(seq)
-            tok = int(torch.argmax(logits))
+            tok = self._pick(logits)
             seq.tokens.append(tok)
             return tok
+
+    def _pick(self, logits: torch.Tensor) -> int:
+        """Greedy choice among the ids the tokenizer can decode."""
+        return int(torch.argmax(logits[: self.emit_limit]))
 
     def generate(
         self,

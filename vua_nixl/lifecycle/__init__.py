@@ -80,9 +80,12 @@ class Lifecycle:
             max_age_s=max_age_s if max_age_s is not None else cfg.max_age_s,
             tmp_max_age_s=cfg.tmp_max_age_s,
             low_water=cfg.low_water,
+            lease_s=cfg.lease_s,
+            lease_margin_s=cfg.lease_margin_s,
+            lease_wait_s=cfg.lease_wait_s,
         )
         self.recorder = AccessRecorder()
-        self.guard = CapacityGuard(self.pruner, refresh_s=refresh_s)
+        self.guard = CapacityGuard(self.pruner, refresh_s=refresh_s, ledger_rescan_s=cfg.ledger_rescan_s)
         if isinstance(metrics, StoreMetrics):
             self.metrics: Optional[StoreMetrics] = metrics
         else:

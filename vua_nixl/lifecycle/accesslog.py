@@ -4,7 +4,7 @@ Rewriting a block file (or even its mtime) on every hit would cost a metadata wr
 per request on a shared file system, and ``atime`` is off (``noatime``/``relatime``) on most
 mounts that matter. Instead every process appends small fixed-size records to its *own* file:
 
-    <root>/access/<host>.<pid>.<random>.log
+    <root>/access/<host>.<pid>.<ns>-<random>.log   (<ns>: boot + PID namespace, see paths.namespace_id)
 
 One writer per file means no cross-host append races (``O_APPEND`` is not atomic on NFS), and a
 torn tail left by a SIGKILL is harmless: readers only take whole 64-byte records, each of which
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from vua_nixl.paths import this_host
+from vua_nixl.paths import WriterId, namespace_id, note_odd_name, parse_pid, this_host
+from vua_nixl.safeio import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,14 @@ def read_records(path: str | os.PathLike[str], offset: int = 0) -> tuple[list[Re
     Records with a bad magic are skipped (they can only come from foreign bytes in the file).
     """
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
+        fd = open_regular(path)  # a FIFO or symlink planted in access/ must not hang a reader
     except FileNotFoundError:
         return [], offset
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, max(0, size - offset), offset) if size > offset else b""
+    finally:
+        os.close(fd)
     whole = len(data) - len(data) % RECORD_BYTES
     out: list[Record] = []
     for pos in range(0, whole, RECORD_BYTES):
@@ -105,21 +109,32 @@ def read_records(path: str | os.PathLike[str], offset: int = 0) -> tuple[list[Re
     return out, offset + whole
 
 
-def parse_log_name(name: str) -> Optional[tuple[str, int]]:
-    """(host, pid) of a log file's writer, or None if the name is not a log of ours."""
+def parse_log_name(name: str) -> Optional[WriterId]:
+    """The writer of a log ``<host>.<pid>.<ns>-<rand>.log``, or None if the name is not a log of
+    ours. Total: never raises, whatever the name (a huge or non-ASCII "pid" is not ours)."""
     if not name.endswith(LOG_SUFFIX):
         return None
     parts = name[: -len(LOG_SUFFIX)].split(".")
-    if len(parts) != 3 or not parts[1].isdigit():
+    if len(parts) != 3 or not parts[0]:
         return None
-    return parts[0], int(parts[1])
+    pid = parse_pid(parts[1])
+    if pid is None:
+        return None
+    ns = parts[2].split("-", 1)[0] if "-" in parts[2] else None
+    return WriterId(parts[0], pid, ns if ns and len(ns) == 12 and all(c in "0123456789abcdef" for c in ns) else None)
 
 
 def iter_logs(root: str | os.PathLike[str]) -> Iterator[os.DirEntry[str]]:
+    """Every access log under ``root``; other ``*.log`` names are skipped and counted."""
     d = access_dir(root)
+    entries = []
     try:
         with os.scandir(d) as it:
-            entries = [e for e in it if parse_log_name(e.name) is not None]
+            for e in it:
+                if parse_log_name(e.name) is not None:
+                    entries.append(e)
+                elif e.name.endswith(LOG_SUFFIX):
+                    note_odd_name("access log", e.name)
     except FileNotFoundError:
         return
     yield from sorted(entries, key=lambda e: e.name)
@@ -201,7 +216,7 @@ class AccessLog:
             os.close(self._fd)
             self._fd = None
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = str(self.dir / f"{this_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}{LOG_SUFFIX}")
+        self.path = str(self.dir / f"{this_host()}.{os.getpid()}.{namespace_id()}-{uuid.uuid4().hex[:8]}{LOG_SUFFIX}")
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, self.file_mode)
         self._size = 0
         return self._fd

@@ -9,8 +9,8 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 from vua_nixl.errors import CapacityError
-from vua_nixl.lifecycle.index import read_ledger, root_lock, write_ledger
-from vua_nixl.lifecycle.pruner import INFLIGHT, Pruner
+from vua_nixl.lifecycle.index import read_ledger, write_ledger
+from vua_nixl.lifecycle.pruner import INFLIGHT, RESERVE_KEY, Pruner
 from vua_nixl.store.observers import StoreObserver
 
 if TYPE_CHECKING:
@@ -23,7 +23,9 @@ class CapacityGuard(StoreObserver):
     """Store observer that makes room before a put writes anything.
 
     **Root limit (``max_bytes``): check-and-reserve under the root lock.** ``before_write``
-    takes ``flock(<root>/access/prune.lock)``, reads the usage ledger kept in that file, and if
+    takes the root lock (local flock + the cross-host root lease), reads the usage ledger handed
+    over inside the lease (a malformed or inconsistent ledger reads as none; at least every
+    ``ledger_rescan_s`` this process rescans anyway, so a forged ledger heals), and if
     ``ledger + nbytes`` exceeds the limit runs the pruner right there (which rescans the root,
     evicts down to its low-water mark and resets the ledger to the truth: blocks plus in-flight
     temporaries); then it adds ``nbytes`` and releases the lock. Deletes do not subtract (a delete
@@ -43,8 +45,11 @@ class CapacityGuard(StoreObserver):
     A put larger than any limit raises :class:`CapacityError` and writes nothing.
     """
 
-    def __init__(self, pruner: Pruner, *, refresh_s: float = 2.0, rescan_fraction: float = 0.95, near_refresh_s: float = 0.1):
+    def __init__(self, pruner: Pruner, *, refresh_s: float = 2.0, rescan_fraction: float = 0.95, near_refresh_s: float = 0.1,
+                 ledger_rescan_s: float = 30.0):
         self.pruner = pruner
+        self.ledger_rescan_s = ledger_rescan_s
+        self._ledger_scanned_at = float("-inf")
         self.refresh_s = refresh_s
         self.rescan_fraction = rescan_fraction
         self.near_refresh_s = near_refresh_s
@@ -108,14 +113,17 @@ class CapacityGuard(StoreObserver):
         (``on_stored``), by this thread's next put if this one failed, or by gc if we die.
         """
         self._drop_reservation()
-        with root_lock(self.pruner.root) as lock_fd:
-            used = read_ledger(lock_fd)
-            if used is None or used + nbytes > limit:  # no ledger yet, or full: scan and prune
-                self.pruner.run_locked(lock_fd, need_bytes=nbytes, need_namespace=fp)
+        with self.pruner.lock() as lock:
+            used = read_ledger(lock)
+            stale = time.monotonic() - self._ledger_scanned_at > self.ledger_rescan_s
+            if used is None or stale or used + nbytes > limit:  # no/invalid ledger, periodic check, or full
+                self.pruner.run_locked(lock, need_bytes=nbytes, need_namespace=fp)
                 self.prunes += 1
-                used = read_ledger(lock_fd) or 0
-            write_ledger(lock_fd, used + nbytes)
-            path = self.pruner.paths.tmp_file("reserve")
+                self._ledger_scanned_at = time.monotonic()
+                used = read_ledger(lock) or 0
+            lock.check()  # a holder paused past its lease must not reserve on a stale ledger
+            write_ledger(lock, used + nbytes)
+            path = self.pruner.paths.tmp_file(RESERVE_KEY)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:

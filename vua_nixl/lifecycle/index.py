@@ -3,7 +3,8 @@
     <root>/access/index.msgpack   {"v", "updated", "logs": {name: offset},
                                    "blocks": {fp_hex: {key: [last_access, hits, parent]}},
                                    "counters": {fp_hex: {hits, bytes_read, misses, ...}}}
-    <root>/access/prune.lock      flock()ed by whoever compacts or evicts
+    <root>/access/prune.lock      flock()ed by whoever compacts or evicts (queues one client's processes)
+    <root>/access/lease/root.<n>  the root lease, epoch n (excludes other hosts; carries the usage ledger)
 
 The index is state on the shared root, not in any process: a restarted worker or a second host
 reads it and continues. It is rewritten atomically (temp + rename) under the lock, and it is an
@@ -17,7 +18,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import struct
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ from typing import Any, Iterator, Optional
 
 import msgpack
 
-from vua_nixl.errors import VuaNixlError
 from vua_nixl.lifecycle.accesslog import (
     CORRUPT,
     EVICTED,
@@ -40,10 +40,14 @@ from vua_nixl.lifecycle.accesslog import (
     parse_log_name,
     read_records,
 )
+from vua_nixl.lifecycle.lease import LEASE_DIR, Lease, LeaseHandle
 from vua_nixl.paths import StorePaths, writer_gone
+from vua_nixl.safeio import read_capped
 
 log = logging.getLogger(__name__)
 
+#: The compacted index may be large (one entry per block), but never a device's worth.
+INDEX_CAP = 1 << 30
 INDEX_NAME = "index.msgpack"
 LOCK_NAME = "prune.lock"
 INDEX_VERSION = 1
@@ -53,48 +57,107 @@ LOG_IDLE_S = 60.0
 COUNTER_NAMES = ("hits", "bytes_read", "misses", "chunks_written", "deletes", "evictions", "corrupt")
 
 
-@contextmanager
-def root_lock(root: str | os.PathLike[str]) -> Iterator[int]:
-    """Exclusive lock among every process (and host, where the mount honours flock) on a root.
+#: Defaults for the root lease (StoreConfig.lease_s / lease_margin_s / lease_wait_s).
+LEASE_S = 10.0
+LEASE_MARGIN_S = 5.0
+LEASE_WAIT_S = 300.0
+_LEASES: dict[tuple[str, int], Lease] = {}
+_LEASES_LOCK = threading.Lock()
 
-    Yields the lock file's descriptor: the lock file also holds the usage ledger
-    (:func:`read_ledger` / :func:`write_ledger`), which may only be touched under the lock.
+
+def root_lease(root: str | os.PathLike[str], *, lease_s: float = LEASE_S, margin_s: float = LEASE_MARGIN_S,
+               wait_s: float = LEASE_WAIT_S) -> Lease:
+    """This process's :class:`Lease` object for a root's lock (it remembers epochs it saw)."""
+    key = (os.path.realpath(root), os.getpid())
+    with _LEASES_LOCK:
+        lease = _LEASES.get(key)
+        if lease is None or (lease.lease_s, lease.margin_s, lease.wait_s) != (lease_s, margin_s, wait_s):
+            lease = _LEASES[key] = Lease(access_dir(root) / LEASE_DIR, "root", lease_s=lease_s, margin_s=margin_s,
+                                         wait_s=wait_s)
+        return lease
+
+
+class RootLock:
+    """What :func:`root_lock` yields: the held lease, its fencing token and the usage ledger."""
+
+    def __init__(self, handle: LeaseHandle, flocked: bool):
+        self.handle = handle
+        self.flocked = flocked
+
+    @property
+    def fencing_token(self) -> int:
+        return self.handle.epoch
+
+    def valid(self) -> bool:
+        return self.handle.valid()
+
+    def check(self) -> None:
+        self.handle.check()
+
+
+@contextmanager
+def root_lock(root: str | os.PathLike[str], *, lease_s: float = LEASE_S, margin_s: float = LEASE_MARGIN_S,
+              wait_s: float = LEASE_WAIT_S) -> Iterator[RootLock]:
+    """Exclusive lock among every process and host on a root, on any POSIX-like file system.
+
+    Two layers: ``flock(<root>/access/prune.lock)`` queues the processes of one client cheaply
+    (where the mount supports it at all; on per-client lock modes it is only local), then the
+    root *lease* (:mod:`vua_nixl.lifecycle.lease`: ``O_EXCL`` epoch files with renewal, expiry
+    on the contender's own clock, and the epoch as fencing token) excludes other hosts. Yields a
+    :class:`RootLock`; the usage ledger travels inside the lease (:func:`read_ledger` /
+    :func:`write_ledger`), so a deposed holder's late ledger write is never read.
     """
     d = access_dir(root)
     d.mkdir(parents=True, exist_ok=True)
-    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     try:
+        flocked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            raise VuaNixlError(
-                f"cannot lock {d / LOCK_NAME} ({exc.strerror}): capacity limits and pruning need a mount "
-                "with flock support (local, NFSv4, NFSv3 with lockd); elsewhere run one pruner only "
-                "(`vua-nixl prune --period 60` on one host) and give workers no max_bytes"
-            ) from None
-        yield fd
+        except OSError as exc:  # no flock on this mount: the lease alone excludes
+            flocked = False
+            log.debug("flock on %s unavailable (%s); relying on the root lease", d / LOCK_NAME, exc.strerror)
+        handle = root_lease(root, lease_s=lease_s, margin_s=margin_s, wait_s=wait_s).acquire()
+        try:
+            yield RootLock(handle, flocked)
+        finally:
+            handle.release()
     finally:
-        os.close(fd)  # closing releases the lock, also if we are killed
+        os.close(fd)  # closing releases the flock, also if we are killed
 
 
 #: The usage ledger: bytes of blocks + in-flight writes under the root, as last set by a pruning
-#: scan and moved since by every guarded put (+) and delete (-). Crashes and failed puts can only
-#: make it too high (safe: it prunes early, and the next scan resets it to the truth).
-_LEDGER = struct.Struct("<8sQd")
-LEDGER_MAGIC = b"VNLEDG01"
+#: scan (``scan``) plus what guarded puts reserved since (``since``). It is handed from lease
+#: holder to lease holder (fenced by epoch). Anything malformed or inconsistent reads as "no
+#: ledger", which makes the next put rescan: a forged or zeroed ledger heals at the next scan,
+#: and a guard rescans at least every ``ledger_rescan_s`` whatever the ledger says.
 
 
-def read_ledger(fd: int) -> Optional[int]:
-    """The ledger's byte count, or None if no scan has set it yet (call under :func:`root_lock`)."""
-    data = os.pread(fd, _LEDGER.size, 0)
-    if len(data) < _LEDGER.size:
+def read_ledger(lock: RootLock) -> Optional[int]:
+    """The ledger's byte count, or None if there is none or it does not add up (call under
+    :func:`root_lock`)."""
+    led = lock.handle.ledger
+    if not isinstance(led, dict):
         return None
-    magic, nbytes, _ = _LEDGER.unpack(data)
-    return nbytes if magic == LEDGER_MAGIC else None
+    vals = [led.get(k) for k in ("bytes", "scan", "since")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < (1 << 62) for v in vals):
+        return None
+    nbytes, scan, since = vals
+    if nbytes != scan + since:
+        return None
+    return nbytes
 
 
-def write_ledger(fd: int, nbytes: int) -> None:
-    os.pwrite(fd, _LEDGER.pack(LEDGER_MAGIC, max(0, int(nbytes)), time.time()), 0)
+def write_ledger(lock: RootLock, nbytes: int, *, scanned: bool = False) -> None:
+    """Set the ledger (``scanned``: to a scan's truth; otherwise to a reservation on top of it)."""
+    nbytes = max(0, int(nbytes))
+    led = lock.handle.ledger if isinstance(lock.handle.ledger, dict) else None
+    if scanned or read_ledger(lock) is None or led is None:
+        lock.handle.ledger = {"bytes": nbytes, "scan": nbytes, "since": 0, "epoch": lock.fencing_token}
+    else:
+        scan = int(led["scan"])
+        lock.handle.ledger = {"bytes": nbytes, "scan": min(scan, nbytes), "since": nbytes - min(scan, nbytes),
+                              "epoch": lock.fencing_token}
 
 
 @dataclass
@@ -103,6 +166,7 @@ class AccessIndex:
     counters: dict[str, dict[str, int]] = field(default_factory=dict)
     logs: dict[str, int] = field(default_factory=dict)
     updated: float = 0.0
+    dropped: int = 0  # malformed entries dropped when this index was loaded
 
     # ---- persistence ---------------------------------------------------------------------
 
@@ -110,17 +174,24 @@ class AccessIndex:
     def load(cls, root: str | os.PathLike[str]) -> "AccessIndex":
         path = access_dir(root) / INDEX_NAME
         try:
-            raw = path.read_bytes()
+            raw = read_capped(path, INDEX_CAP)  # no symlink, FIFO or device; bounded size
         except FileNotFoundError:
+            return cls()
+        except OSError as exc:
+            log.warning("access index %s unreadable (%s); starting a new one", path, exc)
             return cls()
         try:
             d = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-            if d.get("v") != INDEX_VERSION:
-                raise ValueError(f"index version {d.get('v')}")
-            return cls(blocks=d["blocks"], counters=d["counters"], logs=d["logs"], updated=d.get("updated", 0.0))
+            if not isinstance(d, dict) or d.get("v") != INDEX_VERSION:
+                raise ValueError(f"index version {d.get('v') if isinstance(d, dict) else None}")
+            idx, dropped = _validated(d)
         except Exception as exc:  # advisory data: a bad index is rebuilt, never fatal
             log.warning("access index %s unreadable (%s); starting a new one", path, exc)
             return cls()
+        if dropped:
+            log.warning("access index %s: %d malformed entries dropped", path, dropped)
+        idx.dropped = dropped
+        return idx
 
     def save(self, root: str | os.PathLike[str]) -> None:
         d = access_dir(root)
@@ -231,6 +302,46 @@ class AccessIndex:
             k = e[2]
             d += 1
         return None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validated(d: dict[str, Any]) -> tuple["AccessIndex", int]:
+    """The index in ``d`` with every malformed entry dropped (and counted), entry by entry: the
+    file is on a shared root, so one bad entry must cost that entry, not the whole index."""
+    dropped = 0
+    blocks: dict[str, dict[bytes, list[Any]]] = {}
+    raw_blocks = d.get("blocks")
+    for fp, entries in (raw_blocks.items() if isinstance(raw_blocks, dict) else ()):
+        if not isinstance(fp, str) or not isinstance(entries, dict):
+            dropped += 1
+            continue
+        keep: dict[bytes, list[Any]] = {}
+        for key, e in entries.items():
+            ok = (isinstance(key, bytes) and len(key) == 16 and isinstance(e, (list, tuple)) and len(e) == 3
+                  and isinstance(e[0], (int, float)) and not isinstance(e[0], bool) and _is_int(e[1]) and e[1] >= 0
+                  and (e[2] is None or (isinstance(e[2], bytes) and len(e[2]) == 16)))
+            if ok:
+                keep[key] = [float(e[0]), int(e[1]), e[2]]
+            else:
+                dropped += 1
+        blocks[fp] = keep
+    counters: dict[str, dict[str, int]] = {}
+    raw_counters = d.get("counters")
+    for fp, c in (raw_counters.items() if isinstance(raw_counters, dict) else ()):
+        if isinstance(fp, str) and isinstance(c, dict):
+            counters[fp] = {k: v for k, v in c.items() if isinstance(k, str) and _is_int(v)}
+            dropped += len(c) - len(counters[fp])
+        else:
+            dropped += 1
+    raw_logs = d.get("logs")
+    logs = {k: v for k, v in raw_logs.items() if isinstance(k, str) and _is_int(v) and v >= 0} if isinstance(raw_logs, dict) else {}
+    updated = d.get("updated", 0.0)
+    idx = AccessIndex(blocks=blocks, counters=counters, logs=logs,
+                      updated=float(updated) if isinstance(updated, (int, float)) and not isinstance(updated, bool) else 0.0)
+    return idx, dropped
 
 
 def load_current(root: str | os.PathLike[str]) -> AccessIndex:

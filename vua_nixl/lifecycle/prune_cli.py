@@ -14,11 +14,12 @@ import time
 from typing import Any, Optional
 
 from vua_nixl.config import StoreConfig, add_config_flags, config_from_args, parse_size
-from vua_nixl.errors import InvalidInputError
+from vua_nixl.errors import InvalidInputError, StoreRootError
+from vua_nixl.paths import StorePaths
 
 log = logging.getLogger(__name__)
 
-__all__ = ["parse_size", "add_limit_args", "run_prune", "register", "LIMIT_FLAGS"]
+__all__ = ["parse_size", "add_limit_args", "run_prune", "register", "LIMIT_FLAGS", "writable_root"]
 
 #: Config fields the limit flags set, and their historical flag names.
 LIMIT_FLAGS = {"max_bytes": "--max-bytes", "max_age_s": "--max-age", "eviction": "--policy",
@@ -31,11 +32,22 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, StoreConfig, LIMIT_FLAGS, flags=LIMIT_FLAGS)
 
 
+def writable_root(cfg: StoreConfig, command: str) -> StorePaths:
+    """The root for a command that changes it: readable, of a format this build handles, and
+    writable; otherwise a StoreRootError that says so (the CLI exits non-zero, nothing changed)."""
+    paths = StorePaths(cfg.root)
+    paths.check_readable()
+    if not os.access(paths.root, os.W_OK | os.X_OK) or (paths.tmp.exists() and not os.access(paths.tmp, os.W_OK | os.X_OK)):
+        raise StoreRootError(f"store root {paths.root} is read-only for this process: `vua-nixl {command}` changes nothing there")
+    return paths
+
+
 def run_prune(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     """One pruning round: limits from the flags, else VUA_NIXL_* config."""
     from vua_nixl.lifecycle.pruner import Pruner
 
     cfg = config_from_args(StoreConfig, args)
+    writable_root(cfg, "prune")
     if cfg.eviction == "ttl" and cfg.max_age_s is None:
         raise InvalidInputError("--policy ttl needs --max-age (or VUA_NIXL_MAX_AGE_S)")
     pruner = Pruner(cfg.root, max_bytes=cfg.max_bytes, policy=cfg.eviction, max_age_s=cfg.max_age_s,

@@ -34,9 +34,9 @@ from vua_nixl.audit import gc_temporaries
 from vua_nixl.errors import CorruptBlockError, InvalidInputError
 from vua_nixl.format import read_header_file
 from vua_nixl.lifecycle.accesslog import EVICTED, shared_log
-from vua_nixl.lifecycle.index import AccessIndex, root_lock, write_ledger
+from vua_nixl.lifecycle.index import LEASE_MARGIN_S, LEASE_S, LEASE_WAIT_S, AccessIndex, RootLock, read_ledger, root_lock, write_ledger
 from vua_nixl.lifecycle.policies import EvictionPolicy, Policy, make_policy
-from vua_nixl.paths import BLOCK_SUFFIX, StorePaths
+from vua_nixl.paths import BLOCK_SUFFIX, StorePaths, note_odd_name
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +91,38 @@ class PruneReport:
         return d
 
 
+def allocated_bytes(st: os.stat_result, blocks_reported: bool = True) -> int:
+    """Bytes a file occupies: allocated blocks (``st_blocks * 512``), not its apparent size, so
+    a sparse file cannot fake usage. Where the file system reports no blocks at all (some FUSE
+    mounts), the apparent size."""
+    return st.st_blocks * 512 if blocks_reported else st.st_size
+
+
 def scan_blocks(root: str | os.PathLike[str], fps: Optional[Sequence[str]] = None) -> list[Block]:
-    """Every published block under ``root`` (or under the namespaces ``fps``), with size and mtime."""
+    """Every published block under ``root`` (or under the namespaces ``fps``), with its
+    allocated size and mtime. Names that are not block keys are skipped and counted."""
     paths = StorePaths(root)
     wanted = None if fps is None else set(fps)
-    out: list[Block] = []
+    found: list[tuple[str, bytes, str, os.stat_result]] = []
     for fp, _ in paths.namespaces():
         if wanted is not None and fp not in wanted:
             continue
         for entry in paths.blocks(fp):
-            try:
-                key = bytes.fromhex(entry.name[: -len(BLOCK_SUFFIX)])
-                st = entry.stat()
-            except (ValueError, FileNotFoundError):
+            hexkey = entry.name[: -len(BLOCK_SUFFIX)]
+            if len(hexkey) != 32 or not all(c in "0123456789abcdef" for c in hexkey):
+                note_odd_name("block", entry.name)
                 continue
-            out.append(Block(fp, key, entry.path, st.st_size, st.st_mtime))
-    return out
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            found.append((fp, bytes.fromhex(hexkey), entry.path, st))
+    reported = any(st.st_blocks for *_, st in found) or not any(st.st_size for *_, st in found)
+    return [Block(fp, key, path, allocated_bytes(st, reported), st.st_mtime) for fp, key, path, st in found]
 
 
 def usage_by_namespace(root: str | os.PathLike[str]) -> dict[str, int]:
-    """Bytes of published blocks per namespace (a directory walk; not for the request path)."""
+    """Allocated bytes of published blocks per namespace (a directory walk; not for the request path)."""
     usage: dict[str, int] = defaultdict(int)
     for b in scan_blocks(root):
         usage[b.fp] += b.size
@@ -119,21 +131,33 @@ def usage_by_namespace(root: str | os.PathLike[str]) -> dict[str, int]:
 
 #: Key under which :meth:`Pruner.usage` reports bytes of in-flight writes (temporaries).
 INFLIGHT = ""
+#: Name prefix of the guard's sparse reservation files in ``<root>/tmp``.
+RESERVE_KEY = "reserve"
 
 
-def inflight_bytes(root: str | os.PathLike[str]) -> int:
+def inflight_bytes(root: str | os.PathLike[str], max_reservation: Optional[int] = None) -> int:
     """Bytes held by temporaries: puts in flight (preallocated to full size) or left by crashes.
 
     Counting them against the root limit makes other processes' writes visible *before* they
     publish, which shrinks the overshoot window to the time between a put's capacity check and
-    its temp-file creation.
+    its temp-file creation. Reservation files are sparse declarations and count their apparent
+    size (at most ``max_reservation`` each: no put may reserve more than the limit); every
+    other temporary counts its allocated blocks.
     """
     total = 0
     for e in StorePaths(root).temporaries():
         try:
-            total += e.stat().st_size
+            st = e.stat(follow_symlinks=False)
         except FileNotFoundError:
-            pass
+            continue
+        if e.name.startswith(RESERVE_KEY + "."):
+            n = st.st_size
+            if max_reservation is not None and n > max_reservation:
+                note_odd_name("oversized reservation", e.name)
+                n = max_reservation
+            total += n
+        else:  # a guarded put's own reservation covers it where no blocks are reported
+            total += st.st_blocks * 512
     return total
 
 
@@ -241,6 +265,9 @@ class Pruner:
         log_idle_s: float = 60.0,
         tmp_max_age_s: float = 3600.0,
         on_evict: Sequence[EvictCallback] = (),
+        lease_s: float = LEASE_S,
+        lease_margin_s: float = LEASE_MARGIN_S,
+        lease_wait_s: float = LEASE_WAIT_S,
     ):
         self.eviction_policy = make_policy(policy, max_age_s)
         if not 0.0 < low_water <= 1.0:
@@ -256,11 +283,19 @@ class Pruner:
         self.log_idle_s = log_idle_s
         self.tmp_max_age_s = tmp_max_age_s
         self.on_evict: list[EvictCallback] = list(on_evict)
+        self.lease_s = lease_s
+        self.lease_margin_s = lease_margin_s
+        self.lease_wait_s = lease_wait_s
         self.totals = PruneReport()
+        self.ledger_heals = 0  # scans that found the ledger below the truth (forged or lost)
+
+    def lock(self) -> Any:
+        """The root lock (flock + lease) with this pruner's lease settings."""
+        return root_lock(self.root, lease_s=self.lease_s, margin_s=self.lease_margin_s, wait_s=self.lease_wait_s)
 
     def usage(self) -> dict[str, int]:
         """Bytes per namespace, plus in-flight temporaries under the key :data:`INFLIGHT`."""
-        inflight = inflight_bytes(self.root)  # first: see run_locked
+        inflight = inflight_bytes(self.root, self.max_bytes)  # first: see run_locked
         u = usage_by_namespace(self.root)
         u[INFLIGHT] = inflight
         return u
@@ -272,12 +307,12 @@ class Pruner:
         run passes 0 and only acts when a limit is already exceeded (or blocks are past TTL).
         """
         shared_log(self.root).flush()  # this process's own recent hits count in this round
-        with root_lock(self.root) as fd:
-            return self.run_locked(fd, need_bytes, need_namespace, now)
+        with self.lock() as lock:
+            return self.run_locked(lock, need_bytes, need_namespace, now)
 
-    def run_locked(self, lock_fd: int, need_bytes: int = 0, need_namespace: Optional[str] = None,
+    def run_locked(self, lock: RootLock, need_bytes: int = 0, need_namespace: Optional[str] = None,
                    now: Optional[float] = None) -> PruneReport:
-        """:meth:`run_once` for a caller that already holds :func:`root_lock` (``lock_fd``)."""
+        """:meth:`run_once` for a caller that already holds :func:`root_lock` (``lock``)."""
         t0 = time.perf_counter()
         now = time.time() if now is None else now
         rep = PruneReport()
@@ -285,7 +320,7 @@ class Pruner:
         # In-flight bytes *before* the block walk: every reserved put then shows up in one count
         # or the other (or both), never in neither. No put can reserve while we hold the lock,
         # and a put drops its reservation file only after its blocks are published.
-        rep.inflight_bytes = inflight_bytes(self.root)
+        rep.inflight_bytes = inflight_bytes(self.root, self.max_bytes)
         idx = AccessIndex.load(self.root)
         rep.records_folded = idx.fold_logs(self.root, consume=True, idle_s=self.log_idle_s)
         blocks = scan_blocks(self.root)
@@ -322,12 +357,21 @@ class Pruner:
                 evict_down_to(order, victims, usage_ns, None, max(0, int(self.max_bytes * self.low_water) - need_bytes),
                               "capacity", extra_used=rep.inflight_bytes)
 
+        if not lock.valid():  # paused past the lease: another host may be pruning; act on nothing
+            log.warning("root lease of %s lost during a pruning scan; this round evicts nothing", self.root)
+            victims = {}
         self._evict(order, victims, rep)
         self._prune_index(idx, blocks, victims)
         idx.save(self.root)
         rep.usage_after_ns = {fp: n for fp, n in usage_ns.items() if n > 0}
         rep.usage_after = sum(rep.usage_after_ns.values())
-        write_ledger(lock_fd, rep.usage_after + rep.inflight_bytes)  # the truth, as of this scan
+        truth = rep.usage_after + rep.inflight_bytes
+        before = read_ledger(lock)
+        if before is not None and before < truth:
+            # below the truth: unguarded writers, a deposed holder's fenced-off reservation, or a forged ledger
+            self.ledger_heals += 1
+            log.info("usage ledger of %s was %d B, scan says %d B: reset", self.root, before, truth)
+        write_ledger(lock, truth, scanned=True)  # the truth, as of this scan
         rep.seconds = time.perf_counter() - t0
         self._accumulate(rep)
         if rep.evicted_chunks:

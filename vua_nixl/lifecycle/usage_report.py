@@ -70,7 +70,8 @@ def audit(root: str | os.PathLike[str], top: int = 10) -> AuditReport:
     seen = set()
     for usage in inv.namespaces:
         d = usage.description
-        chunk_tokens[usage.fingerprint] = d.get("chunk_tokens")
+        ct = d.get("chunk_tokens")  # descriptions are on a shared root: trust no type
+        chunk_tokens[usage.fingerprint] = ct if isinstance(ct, int) and not isinstance(ct, bool) and ct > 0 else None
         c = idx.counters.get(usage.fingerprint, {})
         rep.namespaces.append({
             "namespace": usage.fingerprint, "model": d.get("model"), "dtype": d.get("dtype"),

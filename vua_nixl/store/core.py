@@ -16,7 +16,7 @@ import torch
 
 from vua_nixl.agent import NixlAgent, StagingPool
 from vua_nixl.config import StoreConfig
-from vua_nixl.keys import Namespace
+from vua_nixl.keys import KeyChain, Namespace
 from vua_nixl.paths import StorePaths
 from vua_nixl.store.planning import DIRECT_ALIGN, Arena, ChunkGeometry
 from vua_nixl.store.presence import PresenceCache
@@ -50,6 +50,7 @@ class StoreCore:
     config: StoreConfig
     namespace: Namespace
     fingerprint: bytes
+    chain: KeyChain
     paths: StorePaths
     geo: ChunkGeometry
     agent: NixlAgent
@@ -71,6 +72,9 @@ class StoreCore:
         return self.paths.block(self.fp_hex, key.hex())
 
     def parent_of(self, keys: list[bytes], ci: int) -> bytes:
+        # A prompt's first chunk names the public fingerprint as its parent, also in a tenant
+        # namespace whose keys chain from a secret root: the pruner must see where chains start,
+        # and the fingerprint tells nothing about the keys.
         return keys[ci - 1] if ci > 0 else self.fingerprint
 
     def bump(self, **deltas: float) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from contextlib import ExitStack
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
@@ -28,7 +29,7 @@ from vua_nixl.agent import NixlAgent, StagingPool, aligned_empty
 from vua_nixl.config import StoreConfig
 from vua_nixl.dtypes import DTYPES
 from vua_nixl.errors import InvalidInputError, StoreRootError, VuaNixlError
-from vua_nixl.keys import Namespace, as_token_array, chunk_keys
+from vua_nixl.keys import Namespace, as_token_array
 from vua_nixl.kvlayout import check_out, to_canonical, token_dim
 from vua_nixl.paths import StorePaths
 from vua_nixl.store.core import StoreCore
@@ -81,7 +82,8 @@ class KVStore:
         self.paths.ensure()
         self.layout = namespace.layout
         self.dtype = DTYPES[namespace.dtype]
-        self.fingerprint = namespace.fingerprint(self.chunk_tokens)
+        self.chain = namespace.chain(self.chunk_tokens)
+        self.fingerprint = self.chain.fingerprint
         self.fp_hex = self.fingerprint.hex()
         self.paths.write_namespace(self.fp_hex, {**namespace.describe(), "chunk_tokens": self.chunk_tokens})
         geo = ChunkGeometry(self.layout, self.dtype, namespace.dtype, self.chunk_tokens)
@@ -103,7 +105,7 @@ class KVStore:
             )
         self.observers = ObserverList(observers)
         self._core = StoreCore(
-            config=cfg, namespace=namespace, fingerprint=self.fingerprint, paths=self.paths, geo=geo,
+            config=cfg, namespace=namespace, fingerprint=self.fingerprint, chain=self.chain, paths=self.paths, geo=geo,
             agent=self.agent, presence=PresenceCache(cfg.presence_ttl_s, cfg.presence_entries),
             staging=StagingPool(self.agent, cfg.staging_mib << 20),
             direct=cfg.direct_io or self.agent.backend in ("GDS", "GDS_MT"),
@@ -140,6 +142,11 @@ class KVStore:
         return self._closed
 
     @property
+    def backend(self) -> str:
+        """The NIXL backend this store's agent uses (GDS, GDS_MT or POSIX)."""
+        return str(self.agent.backend)
+
+    @property
     def direct(self) -> bool:
         """Whether block files are opened with O_DIRECT (configured, or implied by GDS)."""
         return self._core.direct
@@ -148,7 +155,7 @@ class KVStore:
 
     def keys_for(self, tokens: Any) -> list[bytes]:
         """Chained keys of every full chunk of ``tokens`` in this namespace."""
-        return chunk_keys(self.fingerprint, as_token_array(tokens), self.chunk_tokens)
+        return self.chain.keys(as_token_array(tokens), self.chunk_tokens)
 
     def block_path(self, key: bytes) -> str:
         return self._core.block_path(key)
@@ -159,11 +166,11 @@ class KVStore:
         if cached and presence.fresh(key, now):
             return True
         try:
-            st = os.stat(self.block_path(key))
+            st = os.lstat(self.block_path(key))  # a symlink under a block name is not a block
         except OSError:
             presence.forget([key])
             return False
-        if st.st_size != self.file_bytes:
+        if st.st_size != self.file_bytes or not stat.S_ISREG(st.st_mode):
             return False
         presence.remember([key], now)
         return True
@@ -215,7 +222,7 @@ class KVStore:
         for tokens, kv in items:
             toks = as_token_array(tokens)
             canon = to_canonical(kv, self.layout, self.namespace.dtype, len(toks))
-            keys = chunk_keys(self.fingerprint, toks, self.chunk_tokens)
+            keys = self.chain.keys(toks, self.chunk_tokens)
             results.append(len(keys) * self.chunk_tokens)
             plans.append(Plan(keys, toks, canon))
             for i, key in enumerate(keys):
@@ -285,7 +292,7 @@ class KVStore:
         limit = None
         if out is not None:
             limit = check_out(out, self.layout, self.namespace.dtype) // self.chunk_tokens
-        plan = Plan(chunk_keys(self.fingerprint, toks, self.chunk_tokens, limit), toks)
+        plan = Plan(self.chain.keys(toks, self.chunk_tokens, limit), toks)
         self._reader.open_prefix(plan)
         if plan.n and out is not None:
             plan.out_view = plan.mem = out
@@ -357,9 +364,9 @@ class KVStore:
     def expected_block(self, index: int, tokens: Any) -> Any:
         """The header a valid block for chunk ``index`` of ``tokens`` carries (tests, tools)."""
         toks = as_token_array(tokens)
-        keys = chunk_keys(self.fingerprint, toks, self.chunk_tokens)
+        keys = self.chain.keys(toks, self.chunk_tokens)
         c = self.chunk_tokens
-        return self.geometry.expected(self.fingerprint, keys[index], self._core.parent_of(keys, index),
+        return self.geometry.expected(self.chain, keys[index], self._core.parent_of(keys, index),
                                       toks[index * c : (index + 1) * c])
 
     def _check_open(self) -> None:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from vua_nixl.agent import NixlAgent, aligned_empty
-from vua_nixl.format import ExpectedBlock, checksum, payload_offset
-from vua_nixl.keys import KVLayout
+from vua_nixl.format import FORMAT_VERSION, SEALED_VERSION, BlockHeader, ExpectedBlock, checksum, payload_offset
+from vua_nixl.keys import KeyChain, KVLayout
 from vua_nixl.kvlayout import token_dim
 
 #: files opened per NIXL request; bounded so a 1M-token batch cannot exhaust descriptors.
@@ -73,13 +73,26 @@ class ChunkGeometry:
         lay = self.layout
         return {"layers": lay.num_layers, "kv_heads": lay.kv_heads, "head_dim": lay.head_dim, "mla": lay.mla}
 
-    def expected(self, fingerprint: bytes, key: bytes, parent: bytes, toks: np.ndarray) -> ExpectedBlock:
+    def expected(self, chain: KeyChain, key: bytes, parent: bytes, toks: np.ndarray) -> ExpectedBlock:
         """What a block file for ``key`` must say about itself."""
         return ExpectedBlock(
-            namespace=fingerprint, key=key, parent=parent, tokens=toks.tobytes(),
+            namespace=chain.fingerprint, key=key, parent=parent, tokens=chain.token_field(toks),
             dtype=self.dtype_name, shape=self.chunk_shape, layout=self.layout_desc,
             payload_offset=self.payload_off, payload_len=self.chunk_bytes,
+            version=SEALED_VERSION if chain.sealed else FORMAT_VERSION,
         )
+
+    def chunk_mac(self, chain: KeyChain, header: BlockHeader, t: torch.Tensor, chunk: int, addrs: np.ndarray) -> bytes:
+        """A sealed block's MAC: keyed BLAKE2b over its header fields and its payload bytes."""
+        mac = chain.mac()
+        mac.update(header.mac_input())
+        if t.device.type == "cuda":
+            c = self.chunk_tokens
+            mac.update(t.narrow(token_dim(self.layout), chunk * c, c).contiguous().cpu().view(torch.uint8).numpy())  # type: ignore[arg-type]
+        else:
+            for seg in segments(addrs, self.seg_bytes):
+                mac.update(seg)
+        return mac.digest()
 
     def segment_addrs(self, t: torch.Tensor, chunk: int) -> np.ndarray:
         """Addresses of chunk ``chunk``'s segments inside canonical tensor ``t``, in file order."""

@@ -11,16 +11,20 @@ prefix.
 from __future__ import annotations
 
 import ctypes
+import hmac
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
-from vua_nixl.errors import CorruptBlockError, TransferError
+from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError, VuaNixlError
 from vua_nixl.format import decode_header
+from vua_nixl.kvlayout import token_dim
 from vua_nixl.paths import StorePaths
+from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular
 from vua_nixl.store import planning
 from vua_nixl.store.core import StoreCore
 from vua_nixl.store.planning import Arena, Plan, read_rows, transfer_rows
@@ -30,23 +34,32 @@ log = logging.getLogger(__name__)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 Job = tuple[Plan, int]
+_NEWER = "newer: "
+_CALLER = "caller: "
+_PAYLOAD_MISMATCH = "mismatch"  # payload checksum or MAC: the bytes read, not the header
 
 
-def quarantine(paths: StorePaths, path: str, fd: Optional[int] = None) -> bool:
-    """Move a bad block aside, only if ``path`` still names the inode that was judged (``fd``).
+def quarantine(paths: StorePaths, path: str, fd: Optional[int] = None, expect: Optional[tuple[int, int]] = None) -> bool:
+    """Move a bad block aside, only if ``path`` still names the inode that was judged (``fd``, or
+    ``expect`` = (st_dev, st_ino)).
 
     Returns whether it moved. A writer may have republished a good block under the same name
     since the bad one was opened; that block is not ours to move.
     """
     key_hex = os.path.basename(path).split(".")[0]
     try:
+        checked_dir(paths.root, paths.quarantine)  # never move anything out of the root
         if fd is not None:
-            st_fd, st_path = os.fstat(fd), os.stat(path)
-            if (st_fd.st_ino, st_fd.st_dev) != (st_path.st_ino, st_path.st_dev):
+            st_fd = os.fstat(fd)
+            expect = (st_fd.st_dev, st_fd.st_ino)
+        if expect is not None:
+            st_path = os.lstat(path)
+            if (st_path.st_dev, st_path.st_ino) != expect:
                 return False
         os.replace(path, paths.quarantine_file(key_hex))
         return True
-    except OSError:
+    except (OSError, VuaNixlError) as exc:
+        log.warning("cannot quarantine %s: %s", path, exc)
         return False
 
 
@@ -79,9 +92,12 @@ class BlockReader:
         for key in plan.keys:
             path = core.block_path(key)
             try:
-                fd = os.open(path, flags)
+                fd = open_regular(path, flags)
             except FileNotFoundError:
                 core.presence.forget([key])
+                break
+            except NotRegularFileError as exc:  # a symlink or FIFO planted under a block name
+                self.quarantine(path, str(exc))
                 break
             except OSError as exc:
                 log.warning("cannot open %s: %s", path, exc.strerror)
@@ -110,6 +126,7 @@ class BlockReader:
         core, geo = self.core, self.core.geo
         arena = core.arenas["READ"]
         plans = list({id(p): p for p, _ in jobs}.values())
+        reasons: list[Optional[str]] = []
         with arena.lock:
             arena.ensure(len(jobs) * geo.payload_off)
             regs: list[Any] = []
@@ -137,10 +154,10 @@ class BlockReader:
                     core.bump(io_errors=1)
                     self._retry(jobs, hdr_m, hdr_f, pay_m, pay_f, mem_type)
                     reasons = self._check_range(jobs, 0, len(jobs), arena, seg_addrs)
-                self._apply_checks(jobs, reasons)
             finally:
                 for reg in regs:
                     core.agent.release(reg)
+        self._apply_checks(jobs, reasons)
 
     def _retry(self, jobs: list[Job], hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray,
                pay_f: np.ndarray, mem_type: str) -> None:
@@ -180,24 +197,74 @@ class BlockReader:
             toks = plan.tokens[ci * c : (ci + 1) * c]
             try:
                 header = decode_header(ctypes.string_at(arena.addr + j * geo.payload_off, geo.payload_off))
-                geo.expected(core.fingerprint, plan.keys[ci], core.parent_of(plan.keys, ci), toks).check(header)
+                geo.expected(core.chain, plan.keys[ci], core.parent_of(plan.keys, ci), toks).check(header)
+                assert plan.mem is not None
                 if core.config.verify_checksums:
-                    assert plan.mem is not None
                     if geo.chunk_checksum(plan.mem, ci, seg_addrs[j]) != header.checksum:
                         raise CorruptBlockError("payload checksum mismatch")
+                if core.chain.sealed:  # always, whatever verify_checksums says: this is authentication
+                    mac = geo.chunk_mac(core.chain, header, plan.mem, ci, seg_addrs[j])
+                    if not hmac.compare_digest(mac, header.mac):
+                        raise CorruptBlockError("MAC mismatch: not written with this tenant's key")
                 reasons.append(None)
             except CorruptBlockError as exc:
                 reasons.append(str(exc))
+            except NewerFormatError as exc:  # not ours to judge: the prefix ends, the file stays
+                reasons.append(_NEWER + str(exc))
         return reasons
 
     def _apply_checks(self, jobs: list[Job], reasons: list[Optional[str]]) -> None:
         """Cut each plan at its first invalid chunk and quarantine that file."""
         for (plan, ci), reason in zip(jobs, reasons):
+            if reason is not None and ci < plan.n and plan.user_out and _PAYLOAD_MISMATCH in reason:
+                # The caller's buffer may be what is wrong (written to concurrently, aliased): read
+                # the chunk again into memory of our own before blaming a shared file.
+                reason = self._recheck_private(plan, ci)
             if reason is not None and ci < plan.n:
-                self.quarantine(plan.paths[ci], reason, fd=plan.fds[ci])
+                if reason.startswith(_NEWER):
+                    log.info("block %s: %s; treated as a miss", plan.paths[ci], reason[len(_NEWER):])
+                elif reason.startswith(_CALLER):
+                    pass  # the file is good; only this load stops here
+                else:
+                    self.quarantine(plan.paths[ci], reason, fd=plan.fds[ci])
                 plan.n = ci
         for plan in {id(p): p for p, _ in jobs}.values():
             plan.keys = plan.keys[: plan.n]
+
+    def _recheck_private(self, plan: Plan, ci: int) -> Optional[str]:
+        """Re-read chunk ``ci`` of ``plan`` into a private buffer; if the file is good, place it in
+        the caller's buffer and check it there once more. Returns why the chunk is still bad."""
+        geo = self.core.geo
+        c = geo.chunk_tokens
+        private = Plan(plan.keys[: ci + 1], plan.tokens[: (ci + 1) * c],
+                       torch.empty(geo.layout.shape((ci + 1) * c), dtype=geo.dtype, device=plan.mem.device))  # type: ignore[union-attr]
+        private.out_view = private.mem
+        private.fds, private.paths, private.n = plan.fds[: ci + 1], plan.paths[: ci + 1], ci + 1
+        reasons: list[Optional[str]] = []
+        arena = self.core.arenas["READ"]
+        with arena.lock:
+            arena.ensure(geo.payload_off)
+            regs = self.core.agent.register_batch([(private.mem, False)])  # type: ignore[list-item]
+            try:
+                hm, hf, pm, pf, addrs = read_rows(geo, [(private, ci)], arena)
+                with self.core.agent.files([plan.fds[ci]]):
+                    transfer_rows(self.core.agent, "READ", hm, hf, pm, pf, self.core.agent.mem_type_of(private.mem))  # type: ignore[arg-type]
+                reasons = self._check_range([(private, ci)], 0, 1, arena, addrs)
+            except TransferError as exc:
+                reasons = [f"read failed: {exc}"]
+            finally:
+                for reg in regs:
+                    self.core.agent.release(reg)
+        if reasons[0] is not None:
+            return reasons[0]  # the file itself is bad
+        tdim = token_dim(geo.layout)
+        assert plan.mem is not None and private.mem is not None
+        plan.mem.narrow(tdim, ci * c, c).copy_(private.mem.narrow(tdim, ci * c, c))
+        if geo.chunk_checksum(plan.mem, ci, geo.segment_addrs(plan.mem, ci)) != geo.chunk_checksum(private.mem, ci, addrs[0]):
+            log.warning("output buffer changed while chunk %d was loaded into it; the prefix ends there", ci)
+            return _CALLER + "output buffer changed during the load"
+        log.warning("chunk %d failed its check in the caller's buffer but not in a private one: kept", ci)
+        return None
 
     def quarantine(self, path: str, reason: str, fd: Optional[int] = None) -> None:
         """Count, move aside (inode-checked), forget, and tell observers."""

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Iterator, Optional
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 from vua_nixl.errors import StoreRootError, VuaNixlError
 from vua_nixl.format import encode_header
 from vua_nixl.kvlayout import token_dim
+from vua_nixl.safeio import checked_dir
 from vua_nixl.store import planning
 from vua_nixl.store.core import StoreCore, describe_oserror
 from vua_nixl.store.observers import StoredChunk
@@ -34,10 +36,12 @@ Job = tuple[bytes, tuple[int, int]]
 class BlockWriter:
     def __init__(self, core: StoreCore):
         self.core = core
+        self._checked: set[str] = set()  # fan-out directories verified to be inside the root
 
     def write(self, plans: list[Plan], jobs: list[Job]) -> list[StoredChunk]:
         """Publish ``jobs`` (batched by file count). Raises with nothing of a failed batch visible."""
         stored: list[StoredChunk] = []
+        checked_dir(self.core.paths.root, self.core.paths.tmp)  # temporaries never land outside the root
         with self._sources(plans, sorted({pi for _, (pi, _) in jobs})) as sources:
             step = planning.MAX_FILES_PER_TRANSFER
             for start in range(0, len(jobs), step):
@@ -85,7 +89,10 @@ class BlockWriter:
                     csum = geo.chunk_checksum(src, ci, addrs)
                     parent = core.parent_of(plan.keys, ci)
                     toks = plan.tokens[ci * c : (ci + 1) * c]
-                    hdr = encode_header(geo.expected(core.fingerprint, key, parent, toks).make_header(csum))
+                    header = geo.expected(core.chain, key, parent, toks).make_header(csum)
+                    if core.chain.sealed:
+                        header = replace(header, mac=geo.chunk_mac(core.chain, header, src, ci, addrs))
+                    hdr = encode_header(header)
                     hdr_addr = arena.addr + j * poff
                     ctypes.memmove(hdr_addr, hdr, len(hdr))
                     tmp = core.paths.tmp_file(key.hex())
@@ -109,7 +116,7 @@ class BlockWriter:
             for fd in fds:
                 os.close(fd)
             fds = []
-            dirs = self._publish(temps, chunks)
+            dirs = self._publish(temps, chunks, self._checked)
             temps = []
             if core.config.fsync:
                 for d in dirs:
@@ -135,14 +142,18 @@ class BlockWriter:
             for reg in regs:
                 core.agent.release(reg)
 
-    @staticmethod
-    def _publish(temps: list[str], chunks: list[StoredChunk]) -> set[str]:
-        """Rename every temporary into place; return the directories touched."""
+    def _publish(self, temps: list[str], chunks: list[StoredChunk], checked: set[str]) -> set[str]:
+        """Rename every temporary into place; return the directories touched. A fan-out directory
+        is checked once per process to be a real directory inside the root (a symlink planted
+        there must not make a put publish outside it)."""
         dirs: set[str] = set()
         for tmp, chunk in zip(temps, chunks):
             d = os.path.dirname(chunk.path)
             if d not in dirs:
                 os.makedirs(d, exist_ok=True)
+                if d not in checked:
+                    checked_dir(self.core.paths.root, d)
+                    checked.add(d)
                 dirs.add(d)
             os.replace(tmp, chunk.path)
         return dirs
