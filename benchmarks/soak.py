@@ -13,6 +13,8 @@ the root is audited against every process's journal (see vua_nixl/testing/chaos.
     .venv/bin/python benchmarks/soak.py --seconds 300 --workers 4 --json results/soak-300s.json
     # on a real, small tmpfs so a capacity overshoot would show up as real ENOSPC (root only)
     .venv/bin/python benchmarks/soak.py --seconds 120 --tmpfs-mib 3
+    # two (or N) clients of one export: sshfs mounts over loopback (root, sshfs, openssh-server)
+    .venv/bin/python benchmarks/soak.py --seconds 120 --workers 4 --two-clients --max-bytes 384KiB
 
 Exit status 0 only if wrong KV served, chunks lost, bad unplanted blocks and unplanted
 quarantines are all zero.
@@ -52,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=None, help="directory for the store and journals (default: a new temp dir)")
     p.add_argument("--tmpfs-mib", type=int, default=None, help="mount a tmpfs of this size for the store root (root only)")
+    p.add_argument("--clients", type=int, default=0,
+                   help="run through this many sshfs mounts of one export (loopback sshd; root, sshfs, "
+                        "openssh-server): each mount is a separate client, workers are spread over them")
+    p.add_argument("--two-clients", action="store_const", const=2, dest="clients", help="same as --clients 2")
+    p.add_argument("--lease", type=float, default=2.0, help="root lease seconds (VUA_NIXL_LEASE_S) in the workers")
+    p.add_argument("--lease-margin", type=float, default=1.0, help="root lease margin seconds")
     p.add_argument("--json", default="results/soak.json", help="where to write the report")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -62,6 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     store_root = base / "root"
     store_root.mkdir(parents=True, exist_ok=True)
     mounted = False
+    clients = None
+    if args.clients:
+        from vua_nixl.testing.sshfs import SshfsClients, unavailable
+
+        why = unavailable()
+        if why:
+            print(f"cannot run --clients: {why}", file=sys.stderr)
+            return 2
+        clients = SshfsClients(args.clients, base / "sshfs")
+        clients.start()
+        store_root = clients.export
     if args.tmpfs_mib:
         r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={args.tmpfs_mib}m", "tmpfs", str(store_root)],
                            capture_output=True, text=True)
@@ -74,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         max_bytes=args.max_bytes, families=args.families, kill_interval_s=args.kill_interval,
         plant_interval_s=args.plant_interval, eio_rate=args.eio_rate, enospc_rate=args.enospc_rate,
         refresh_s=args.refresh, seed=args.seed, hosts=args.hosts, prune_period_s=args.prune_period,
+        client_roots=[str(m) for m in clients.mounts] if clients else [], lease_s=args.lease,
+        lease_margin_s=args.lease_margin,
     )
     try:
         t0 = time.time()
@@ -82,11 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(store_root)], check=False)
+        if clients is not None:
+            clients.close()
     render(rep)
     out = {
         "command": " ".join([os.path.basename(sys.argv[0]), *(argv if argv is not None else sys.argv[1:])]),
         "config": {k: v for k, v in vars(cfg).items() if k not in ("root", "journal_dir")},
-        "tmpfs_mib": args.tmpfs_mib, "wall_seconds": wall, "ok": rep.ok, **rep.as_dict(),
+        "tmpfs_mib": args.tmpfs_mib, "clients": args.clients, "wall_seconds": wall, "ok": rep.ok, **rep.as_dict(),
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

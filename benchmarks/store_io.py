@@ -1,23 +1,33 @@
 #!/usr/bin/env python3
-"""Store put/get throughput vs raw file I/O, same files, same machine, one run.
+"""Store put/get throughput vs raw file I/O on real model KV shapes, same files, one run.
 
-For each chunk size (1..64 MiB; a KV layout of L layers x 8 KV heads x 128 dims in bf16 with
-256-token chunks is exactly L MiB per chunk, 2L segments of 512 KiB) it measures:
-  raw write : os.pwritev of each chunk's segments into its own file (no header, checksum, rename)
+For each model (presets of ``vua-nixl plan``: dense GQA with small heads, large heads, MLA) and
+each chunk size (1..64 MiB: ``chunk_tokens`` is chosen so one chunk of that model is about that
+size, a multiple of 4 KiB per segment so O_DIRECT works) it measures, interleaved (raw, store,
+raw, store, ...) so both see the same background load:
+
+  raw write : os.pwritev of each chunk's segments (as laid out in the canonical tensor) into
+              its own file (no header, checksum, preallocation or rename)
   store put : KVStore.put_many (header, XXH3 checksum, preallocation, NIXL write, atomic rename)
-  raw read  : os.preadv of the store's own block files into a preallocated canonical buffer
-  store get : KVStore.get into a preallocated buffer (NIXL read + header check + checksum)
-page cache warm, and with O_DIRECT (cold path) where the file system supports it. Also: hashing
-and lookup of a 131,072-token prompt (512 chunks). Prints a table; writes JSON and a PNG.
+  raw read  : os.preadv of the store's own block files straight into a preallocated canonical
+              buffer (segment by segment: the same scatter the store must do)
+  get(out=) : KVStore.get into the same preallocated buffer (NIXL read + header + checksum)
+  get()     : KVStore.get without a buffer (the store provides the returned tensor)
 
-    python benchmarks/store_io.py                  # ~1-2 minutes on 2 cores
-    python benchmarks/store_io.py --total-mib 2048 --sizes 1 4 16 64 --repeat 5
+page cache warm, checksums on (and off), and O_DIRECT where the file system supports it. Bytes
+are compared exactly after each store read. Prints one table with the ratios and the load
+average; writes JSON and a PNG.
+
+    python benchmarks/store_io.py                                   # 3 shapes x 1 4 16 64 MiB
+    python benchmarks/store_io.py --models all --sizes 1 4 16 64 --total-mib 512 --repeat 5
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import math
 import os
 import shutil
 import statistics
@@ -25,123 +35,165 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 
 from vua_nixl import KVLayout, KVStore, Namespace
 from vua_nixl.agent import aligned_empty
 from vua_nixl.keys import as_token_array, chunk_keys
+from vua_nixl_bench.plan import PRESETS, ModelShape
 
-CHUNK = 256
+DEFAULT_MODELS = ["qwen2-0.5b", "llama-3.1-8b", "deepseek-v3"]
+ALIGN = 4096
 
 
-def layout_for(mib: int) -> KVLayout:
-    return KVLayout(num_layers=mib, kv_heads=8, head_dim=128)
+def layout_of(shape: ModelShape) -> KVLayout:
+    if shape.mla:
+        return KVLayout(num_layers=shape.num_layers, kv_heads=1, head_dim=shape.head_dim, mla=True)
+    return KVLayout(num_layers=shape.num_layers, kv_heads=shape.num_kv_heads, head_dim=shape.head_dim)
+
+
+def chunk_tokens_for(layout: KVLayout, mib: float, itemsize: int = 2) -> int:
+    """Tokens per chunk giving about ``mib`` MiB, with 4 KiB-aligned segments (O_DIRECT)."""
+    per_tok_seg = (layout.head_dim if layout.mla else layout.kv_heads * layout.head_dim) * itemsize
+    nseg = layout.num_layers if layout.mla else 2 * layout.num_layers
+    step = ALIGN // math.gcd(ALIGN, per_tok_seg)
+    toks = max(step, round(mib * 2**20 / (nseg * per_tok_seg) / step) * step)
+    return toks
 
 
 def segment_views(t: torch.Tensor, store: KVStore, chunk: int) -> list[memoryview]:
     """The chunk's segments inside canonical tensor t, as writable buffers, in file order."""
     addrs = store.geometry.segment_addrs(t, chunk)
-    import ctypes
+    n = store.geometry.seg_bytes
+    return [memoryview((ctypes.c_char * n).from_address(int(a))).cast("B") for a in addrs]
 
-    return [memoryview((ctypes.c_char * store.geometry.seg_bytes).from_address(int(a))).cast("B") for a in addrs]
 
-
-def median_time(fn, repeat: int, setup=None) -> float:
-    times = []
+def interleaved(fns: dict[str, Callable[[], None]], repeat: int, setup: Optional[dict[str, Callable[[], None]]] = None) -> dict[str, float]:
+    """Median seconds of each fn, run round-robin ``repeat`` times (same background load)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
-        if setup:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            if setup and k in setup:
+                setup[k]()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_size(mib: int, total_mib: int, repeat: int, base: Path, direct: bool, verify: bool) -> dict:
-    layout = layout_for(mib)
-    ns = Namespace("bench/store-io", "bf16", layout)
-    n_chunks = max(2, total_mib // mib)
-    tokens = torch.arange(n_chunks * CHUNK) + mib * 1_000_000
+def bench_point(model: str, mib: int, total_mib: int, repeat: int, base: Path, direct: bool, verify: bool) -> dict[str, Any]:
+    shape = PRESETS[model]
+    layout = layout_of(shape)
+    ctoks = chunk_tokens_for(layout, mib)
+    ns = Namespace(f"bench/store-io/{model}", "bf16", layout)
+    probe_bytes = layout.shape(ctoks)
+    chunk_bytes = int(torch.Size(probe_bytes).numel()) * 2
+    n_chunks = max(2, round(total_mib * 2**20 / chunk_bytes))
+    tokens = torch.arange(n_chunks * ctoks) + mib * 1_000_000 + (hash(model) % 1000) * 10_000_000
     kv = aligned_empty(layout.shape(len(tokens)), torch.bfloat16)
     kv.view(torch.int16).copy_(torch.randint(-30000, 30000, kv.shape, dtype=torch.int16))
     out = aligned_empty(layout.shape(len(tokens)), torch.bfloat16)
-    nbytes = n_chunks * mib * 2**20
-    root = base / f"store-{mib}"
-    rawdir = base / f"raw-{mib}"
-    res: dict = {"chunk_mib": mib, "chunks": n_chunks, "bytes": nbytes, "direct": direct, "verify": verify}
-    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", direct_io=direct, verify_checksums=verify, presence_ttl_s=0) as store:
+    nbytes = n_chunks * chunk_bytes
+    root = base / f"store-{model}-{mib}"
+    rawdir = base / f"raw-{model}-{mib}"
+    res: dict[str, Any] = {"model": model, "chunk_mib": mib, "chunk_tokens": ctoks, "chunk_bytes": chunk_bytes,
+                           "seg_bytes": chunk_bytes // (layout.num_layers * (1 if layout.mla else 2)),
+                           "chunks": n_chunks, "bytes": nbytes, "direct": direct, "verify": verify}
+    with KVStore(root, ns, chunk_tokens=ctoks, backend="POSIX", direct_io=direct, verify_checksums=verify,
+                 presence_ttl_s=0, access_log=False) as store:
         keys = store.keys_for(tokens)
         paths = [store.block_path(k) for k in keys]
+        poff = store.geometry.payload_off
         flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+        wsegs = [segment_views(kv, store, i) for i in range(n_chunks)]
+        rsegs = [segment_views(out, store, i) for i in range(n_chunks)]
 
-        def wipe_store():
+        def wipe_store() -> None:
             for p in paths:
                 try:
                     os.unlink(p)
                 except FileNotFoundError:
                     pass
 
-        def wipe_raw():
+        def wipe_raw() -> None:
             shutil.rmtree(rawdir, ignore_errors=True)
             rawdir.mkdir(parents=True)
 
-        def raw_write():
+        def raw_write() -> None:
             wflags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
             for i in range(n_chunks):
                 fd = os.open(rawdir / f"{i}.bin", wflags, 0o644)
                 try:
-                    os.pwritev(fd, segment_views(kv, store, i), store.geometry.payload_off)
+                    os.pwritev(fd, wsegs[i], poff)
                 finally:
                     os.close(fd)
 
-        def store_put():
+        def store_put() -> None:
             assert store.put(tokens, kv) == len(tokens)
 
-        def raw_read():
+        def raw_read() -> None:
             for i, p in enumerate(paths):
                 fd = os.open(p, flags)
                 try:
-                    n = os.preadv(fd, segment_views(out, store, i), store.geometry.payload_off)
-                    assert n == store.chunk_bytes
+                    assert os.preadv(fd, rsegs[i], poff) == chunk_bytes
                 finally:
                     os.close(fd)
 
-        def store_get():
-            r = store.get(tokens, out=out)
-            assert r.tokens == len(tokens)
+        def get_out() -> None:
+            assert store.get(tokens, out=out).tokens == len(tokens)
 
-        res["raw_write_s"] = median_time(raw_write, repeat, wipe_raw)
-        res["store_put_s"] = median_time(store_put, repeat, wipe_store)
-        store_get()  # warm the cache and the registration
-        res["raw_read_s"] = median_time(raw_read, repeat)
-        res["store_get_s"] = median_time(store_get, repeat)
-        assert torch.equal(out.view(torch.int16), kv.view(torch.int16)), "store get returned different bytes"
+        held: list[Any] = [None]
+
+        def get_new() -> None:
+            r = store.get(tokens)
+            assert r.tokens == len(tokens)
+            held[0] = r.kv  # the caller keeps its result until the next call (as an engine would)
+
+        w = interleaved({"raw_write": raw_write, "store_put": store_put}, repeat,
+                        {"raw_write": wipe_raw, "store_put": wipe_store})
+        get_out()  # warm the page cache and the registrations
+        get_new()
+        r = interleaved({"raw_read": raw_read, "store_get_out": get_out, "store_get": get_new}, repeat)
+        assert torch.equal(out.view(torch.int16), kv.view(torch.int16)), "get(out=) returned different bytes"
+        assert torch.equal(held[0].view(torch.int16), kv.view(torch.int16)), "get() returned different bytes"
+        held[0] = None
+        res.update({f"{k}_s": v for k, v in {**w, **r}.items()})
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(rawdir, ignore_errors=True)
-    for k in ("raw_write", "store_put", "raw_read", "store_get"):
+    for k in ("raw_write", "store_put", "raw_read", "store_get_out", "store_get"):
         res[f"{k}_gibs"] = nbytes / res[f"{k}_s"] / 2**30
     res["put_ratio"] = res["store_put_gibs"] / res["raw_write_gibs"]
+    res["get_out_ratio"] = res["store_get_out_gibs"] / res["raw_read_gibs"]
     res["get_ratio"] = res["store_get_gibs"] / res["raw_read_gibs"]
     return res
 
 
-def bench_lookup(base: Path, repeat: int) -> dict:
+def bench_lookup(base: Path, repeat: int) -> dict[str, Any]:
     layout = KVLayout(1, 1, 8)
     ns = Namespace("bench/lookup", "bf16", layout)
     tokens = torch.randint(0, 150_000, (131_072,))
-    arr = as_token_array(tokens)
-    fp = ns.fingerprint(CHUNK)
-    hash_s = median_time(lambda: chunk_keys(fp, as_token_array(tokens), CHUNK), repeat * 5)
-    out = {"tokens": len(tokens), "chunks": len(arr) // CHUNK, "hash_ms": hash_s * 1e3}
+    fp = ns.fingerprint(256)
+
+    def med(fn: Callable[[], Any], n: int) -> float:
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    out: dict[str, Any] = {"tokens": len(tokens), "chunks": len(tokens) // 256,
+                           "hash_ms": med(lambda: chunk_keys(fp, as_token_array(tokens), 256), repeat * 5) * 1e3}
     for ttl, label in ((2.0, "lookup_cached_ms"), (0.0, "lookup_stat_ms")):
-        with KVStore(base / "lookup", ns, chunk_tokens=CHUNK, backend="POSIX", presence_ttl_s=ttl) as s:
+        with KVStore(base / "lookup", ns, chunk_tokens=256, backend="POSIX", presence_ttl_s=ttl, access_log=False) as s:
             s.put(tokens, torch.zeros(layout.shape(len(tokens)), dtype=torch.bfloat16))
             assert s.lookup(tokens) == len(tokens)
-            out[label] = median_time(lambda: s.lookup(tokens), repeat * 5) * 1e3
+            out[label] = med(lambda: s.lookup(tokens), repeat * 5) * 1e3
     miss = torch.randint(0, 150_000, (131_072,))
-    with KVStore(base / "lookup", ns, chunk_tokens=CHUNK, backend="POSIX") as s:
-        out["lookup_miss_ms"] = median_time(lambda: s.lookup(miss), repeat * 5) * 1e3
+    with KVStore(base / "lookup", ns, chunk_tokens=256, backend="POSIX", access_log=False) as s:
+        out["lookup_miss_ms"] = med(lambda: s.lookup(miss), repeat * 5) * 1e3
     return out
 
 
@@ -161,72 +213,103 @@ def direct_supported(base: Path) -> bool:
         os.unlink(base / ".direct-probe")
 
 
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| model | mode | chunk (tokens, segment) | raw read GiB/s | get(out=) | /raw | get() | /raw "
+            "| raw write GiB/s | put | /raw |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        mode = ("O_DIRECT" if r["direct"] else "page cache") + (", checksums on" if r["verify"] else ", checksums off")
+        lines.append(
+            f"| {r['model']} | {mode} | {r['chunk_bytes'] / 2**20:.1f} MiB ({r['chunk_tokens']}, {r['seg_bytes'] >> 10} KiB) "
+            f"| {r['raw_read_gibs']:.2f} | {r['store_get_out_gibs']:.2f} | **{r['get_out_ratio']:.2f}** "
+            f"| {r['store_get_gibs']:.2f} | **{r['get_ratio']:.2f}** | {r['raw_write_gibs']:.2f} "
+            f"| {r['store_put_gibs']:.2f} | **{r['put_ratio']:.2f}** |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help=f"presets, or 'all' ({', '.join(PRESETS)})")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="chunk sizes in MiB")
-    ap.add_argument("--total-mib", type=int, default=512, help="bytes moved per measurement")
+    ap.add_argument("--total-mib", type=int, default=256, help="bytes moved per measurement")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=None, help="where the files go (default: a temp dir under results/)")
     ap.add_argument("--out", type=Path, default=Path("results/store_io"))
     ap.add_argument("--no-direct", action="store_true", help="skip the O_DIRECT rows")
+    ap.add_argument("--no-unverified", action="store_true", help="skip the checksums-off rows")
+    ap.add_argument("--no-lookup", action="store_true", help="skip the hashing/lookup timing")
     args = ap.parse_args()
+    models = list(PRESETS) if args.models == ["all"] else args.models
     args.out.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="store-io-", dir=args.dir or args.out))
-    rows = []
+    rows: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
+    lookup: dict[str, Any] = {}
     try:
-        modes = [(False, True), (False, False)]
+        modes = [(False, True)] + ([] if args.no_unverified else [(False, False)])
         if not args.no_direct and direct_supported(base):
             modes.append((True, True))
         elif not args.no_direct:
             print(f"O_DIRECT not supported on {base}; direct rows skipped", file=sys.stderr)
         for direct, verify in modes:
-            for mib in args.sizes:
-                r = bench_size(mib, max(args.total_mib, 2 * mib), args.repeat, base, direct, verify)
-                rows.append(r)
-                print(
-                    f"{'direct' if direct else 'cached':7s} verify={'on ' if verify else 'off'} {mib:3d} MiB  "
-                    f"put {r['store_put_gibs']:6.2f} / raw {r['raw_write_gibs']:6.2f} GiB/s = {r['put_ratio']:.2f}x   "
-                    f"get {r['store_get_gibs']:6.2f} / raw {r['raw_read_gibs']:6.2f} GiB/s = {r['get_ratio']:.2f}x",
-                    flush=True,
-                )
-        lookup = bench_lookup(base, args.repeat)
+            for model in models:
+                for mib in args.sizes:
+                    r = bench_point(model, mib, max(args.total_mib, 2 * mib), args.repeat, base, direct, verify)
+                    r["loadavg"] = os.getloadavg()[0]
+                    rows.append(r)
+                    print(f"{'direct' if direct else 'cached':6s} verify={'on ' if verify else 'off'} {model:14s} {mib:3d} MiB "
+                          f"get(out=) {r['get_out_ratio']:.2f}x  get() {r['get_ratio']:.2f}x  put {r['put_ratio']:.2f}x "
+                          f"(raw read {r['raw_read_gibs']:.2f} GiB/s, load {r['loadavg']:.1f})", flush=True)
+        if not args.no_lookup:
+            lookup = bench_lookup(base, args.repeat)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    print(
-        f"131,072 tokens / 512 chunks: hash {lookup['hash_ms']:.2f} ms, lookup (presence cache) "
-        f"{lookup['lookup_cached_ms']:.2f} ms, lookup (stat every chunk) {lookup['lookup_stat_ms']:.2f} ms, "
-        f"lookup miss {lookup['lookup_miss_ms']:.3f} ms"
-    )
+    load_after = os.getloadavg()
+    print()
+    print(table(rows))
+    print(f"\nload average before {load_before[0]:.2f} / {load_before[1]:.2f}, after {load_after[0]:.2f} / {load_after[1]:.2f} "
+          f"(1 / 5 min), {os.cpu_count()} CPUs")
+    if lookup:
+        print(f"131,072 tokens / 512 chunks: hash {lookup['hash_ms']:.2f} ms, lookup (presence cache) "
+              f"{lookup['lookup_cached_ms']:.2f} ms, lookup (stat every chunk) {lookup['lookup_stat_ms']:.2f} ms, "
+              f"lookup miss {lookup['lookup_miss_ms']:.3f} ms")
     result = {"rows": rows, "lookup": lookup, "host": os.uname().nodename, "torch": torch.__version__,
+              "loadavg_before": load_before, "loadavg_after": load_after,
               "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (args.out / "store_io.json").write_text(json.dumps(result, indent=2))
-    plot(rows, args.out / "store_io.png")
-    print(f"wrote {args.out / 'store_io.json'} and {args.out / 'store_io.png'}")
+    try:
+        plot(rows, args.out / "store_io.png")
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+    print(f"wrote {args.out / 'store_io.json'}")
     return 0
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (op, raw) in zip(axes, (("store_get", "raw_read"), ("store_put", "raw_write"))):
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
         for (direct, verify), style in (((False, True), "-"), ((False, False), ":"), ((True, True), "--")):
-            sel = [r for r in rows if r["direct"] == direct and r["verify"] == verify]
+            sel = [r for r in rows if r["model"] == model and r["direct"] == direct and r["verify"] == verify]
             if not sel:
                 continue
-            tag = ("O_DIRECT" if direct else "page cache") + ("" if verify else ", no checksum")
+            tag = ("O_DIRECT" if direct else "cache") + ("" if verify else ", no csum")
             x = [r["chunk_mib"] for r in sel]
-            ax.plot(x, [r[f"{op}_gibs"] for r in sel], "o" + style, color="C0", label=f"store ({tag})")
-            ax.plot(x, [r[f"{raw}_gibs"] for r in sel], "s" + style, color="C1", label=f"raw ({tag})")
+            ax.plot(x, [r["get_out_ratio"] for r in sel], "o" + style, color="C0", label=f"get(out=)/raw ({tag})")
+            ax.plot(x, [r["get_ratio"] for r in sel], "s" + style, color="C1", label=f"get()/raw ({tag})")
+            ax.plot(x, [r["put_ratio"] for r in sel], "^" + style, color="C2", label=f"put/raw ({tag})")
+        ax.axhline(0.95, color="grey", lw=0.5)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("chunk size (MiB)")
-        ax.set_ylabel("GiB/s")
-        ax.set_title("read (get vs preadv)" if op == "store_get" else "write (put vs pwritev)")
+        ax.set_ylabel("store / raw")
+        ax.set_title(model)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

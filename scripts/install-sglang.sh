@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or update) a venv with SGLang, for the HiCache storage backend (dynamo_components.sglang)
-# and its tests (tests/sglang). SGLang's pins conflict with the main venv (transformers, torch), so it
+# and its tests (tests/sglang_backend). SGLang's pins conflict with the main venv (transformers, torch), so it
 # lives apart.
 #   scripts/install-sglang.sh                                              -> .venv-sglang, SGLang 0.5.21
 #   SGLANG_VERSION=0.5.23 VENV=.venv-sglang0523 scripts/install-sglang.sh  -> a second venv, SGLang 0.5.23

@@ -31,8 +31,17 @@ from vua_nixl.errors import BackendUnavailableError, TransferError
 
 log = logging.getLogger(__name__)
 
-#: auto order: GPU-direct first, then the multi-threaded GDS variant, then plain POSIX I/O.
-AUTO_ORDER = ("GDS", "GDS_MT", "POSIX")
+#: auto order: GPU-direct storage first, then plain POSIX I/O. GDS_MT comes before GDS: NIXL
+#: 1.5.1's GDS plugin counts cuFile batch completions without reading their status (a failed or
+#: short I/O looks done; a later batch's success overwrites an earlier error), while GDS_MT
+#: checks every I/O's result. Until a NIXL with a fixed GDS status path is pinned, GDS is only
+#: used when GDS_MT cannot start (or when asked for by name).
+AUTO_ORDER = ("GDS_MT", "GDS", "POSIX")
+#: Backends that move VRAM straight to and from storage through cuFile.
+GDS_BACKENDS = ("GDS", "GDS_MT")
+#: NIXL's GDS plugin splits descriptors at 16 MiB and holds 16 batches x 128 I/Os per agent.
+GDS_SPLIT_BYTES = 16 << 20
+GDS_MAX_IOS = 128
 #: POSIX I/O engines in probe order, with the NIXL init params that select them.
 POSIX_ENGINES: dict[str, dict[str, str]] = {
     "uring": {"use_uring": "true"},
@@ -98,8 +107,14 @@ class NixlAgent:
         name: Optional[str] = None,
         direct_io: bool = False,
         timeout_s: float = 120.0,
+        backend_params: Optional[dict[str, dict[str, str]]] = None,
+        max_ios_per_request: int = GDS_MAX_IOS,
+        split_bytes: int = GDS_SPLIT_BYTES,
     ):
         self.timeout_s = timeout_s
+        self.backend_params = backend_params or {}
+        self.max_ios_per_request = max_ios_per_request
+        self.split_bytes = split_bytes
         self.name = name or f"vua-nixl-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.direct_io = direct_io
         self.fault_hook: Optional[FaultHook] = None
@@ -111,6 +126,19 @@ class NixlAgent:
         self._agent, self.backend = self._select(backend, posix_io, Path(probe_dir or "/tmp"))
         self.mem_types: list[str] = list(self._agent.get_backend_mem_types(self.backend))
         log.info(self.report.summary())
+
+    @classmethod
+    def from_config(cls, cfg: Any, probe_dir: str | os.PathLike[str], name: Optional[str] = None) -> "NixlAgent":
+        """The agent a :class:`~vua_nixl.config.StoreConfig` describes (backend, I/O engine,
+        O_DIRECT, deadline, GDS request limits and plugin parameters)."""
+        params: dict[str, dict[str, str]] = {}
+        if cfg.gds_mt_threads is not None:
+            params["GDS_MT"] = {"thread_count": str(cfg.gds_mt_threads)}
+        if cfg.gds_batch_pool is not None:
+            params["GDS"] = {"batch_pool_size": str(cfg.gds_batch_pool), "batch_limit": str(cfg.gds_max_ios)}
+        return cls(cfg.backend, posix_io=cfg.posix_io, probe_dir=probe_dir, name=name or cfg.agent_name,
+                   direct_io=cfg.direct_io, timeout_s=cfg.transfer_timeout_s, backend_params=params,
+                   max_ios_per_request=cfg.gds_max_ios, split_bytes=cfg.gds_split_mib << 20)
 
     # ---- backend selection ---------------------------------------------------------------
 
@@ -134,6 +162,7 @@ class NixlAgent:
                     self.report.rejected.append((label, "plugin not present in this NIXL build"))
                     break
                 params = dict(POSIX_ENGINES.get(engine, {})) if cand == "POSIX" else {}
+                params.update(self.backend_params.get(cand, {}))
                 try:
                     agent.create_backend(cand, params)
                     self._probe(agent, cand, probe_dir)
@@ -268,6 +297,18 @@ class NixlAgent:
         """
         if len(mem_descs) == 0:
             return
+        if self.backend in GDS_BACKENDS:
+            # cuFile batches are bounded: one NIXL request may carry at most max_ios I/Os (each
+            # descriptor counts once per split_bytes). Larger transfers go as several requests,
+            # one in flight at a time, each checked before the next starts.
+            spans = plan_requests(file_descs, self.max_ios_per_request, self.split_bytes)
+            if len(spans) > 1:
+                for lo, hi in spans:
+                    self._transfer_one(op, mem_descs[lo:hi], file_descs[lo:hi], mem_type)
+                return
+        self._transfer_one(op, mem_descs, file_descs, mem_type)
+
+    def _transfer_one(self, op: str, mem_descs: np.ndarray, file_descs: np.ndarray, mem_type: str) -> None:
         with self._lock:
             if self._closed:
                 raise TransferError("NIXL agent is closed")
@@ -309,6 +350,87 @@ class NixlAgent:
                 except Exception:  # a failed request may already be gone
                     pass
 
+    def transfer_overlapped(self, op: str, batches: Sequence[tuple[np.ndarray, np.ndarray]], mem_type: str,
+                            work: Callable[[int], None]) -> None:
+        """:meth:`transfer` each (mem_descs, file_descs) batch in order, posting batch i+1 before
+        ``work(i)`` runs (``work(i)`` only after batch i completed): the caller verifies one
+        batch while the next is in flight, on its own thread. Any failure raises TransferError
+        only after every posted request has finished or been released (no I/O into memory
+        the caller is about to reuse). GDS backends (split requests) run them one at a time."""
+        if self.backend in GDS_BACKENDS or len(batches) < 2:
+            for i, (m, f) in enumerate(batches):
+                self.transfer(op, m, f, mem_type)
+                work(i)
+            return
+        pending: list[Any] = []
+        try:
+            pending.append(self._post(op, *batches[0], mem_type))
+            for i in range(len(batches)):
+                if i + 1 < len(batches):
+                    pending.append(self._post(op, *batches[i + 1], mem_type))
+                handle, pending[i] = pending[i], None
+                self._finish(handle, op, len(batches[i][0]))
+                work(i)
+        finally:
+            for h in pending:  # after an error: let in-flight requests end before memory is reused
+                if h is not None:
+                    try:
+                        self._finish(h, op, 0)
+                    except TransferError:
+                        pass
+
+    def _post(self, op: str, mem_descs: np.ndarray, file_descs: np.ndarray, mem_type: str) -> Any:
+        with self._lock:
+            if self._closed:
+                raise TransferError("NIXL agent is closed")
+            if self.fault_hook is not None:
+                self.fault_hook(op, file_descs)
+            try:
+                local = self._agent.get_xfer_descs(np.ascontiguousarray(mem_descs, dtype=np.uint64), mem_type)
+                remote = self._agent.get_xfer_descs(np.ascontiguousarray(file_descs, dtype=np.uint64), "FILE")
+                handle = self._agent.initialize_xfer(op, local, remote, self._agent.name, backends=[self.backend])
+            except Exception as exc:
+                raise TransferError(f"NIXL {op} could not be prepared: {type(exc).__name__}: {exc}") from None
+            try:
+                state = self._agent.transfer(handle)
+            except Exception as exc:
+                self._agent.release_xfer_handle(handle)
+                raise TransferError(f"NIXL {op} failed: {type(exc).__name__}: {exc}") from None
+            if state not in ("PROC", "DONE"):
+                self._agent.release_xfer_handle(handle)
+                raise TransferError(f"NIXL {op} of {len(mem_descs)} descriptors ended in state {state}")
+            return handle
+
+    def _finish(self, handle: Any, op: str, ndesc: int) -> None:
+        """Poll a posted request to completion (same spin-then-back-off as transfer) and release it."""
+        spins = 0
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while True:
+                with self._lock:
+                    state = self._agent.check_xfer_state(handle)
+                if state != "PROC":
+                    break
+                spins += 1
+                if spins > _SPIN_POLLS:
+                    time.sleep(min(_MAX_BACKOFF_S, 1e-6 * (spins - _SPIN_POLLS)))
+                    if time.monotonic() > deadline:
+                        raise TransferError(f"NIXL {op} of {ndesc} descriptors did not complete in {self.timeout_s:g} s")
+                elif spins & 63 == 0:
+                    os.sched_yield()
+            if state != "DONE":
+                raise TransferError(f"NIXL {op} of {ndesc} descriptors ended in state {state}")
+        except TransferError:
+            raise
+        except Exception as exc:
+            raise TransferError(f"NIXL {op} failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            with self._lock:
+                try:
+                    self._agent.release_xfer_handle(handle)
+                except Exception:  # a failed request may already be gone
+                    pass
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
@@ -327,6 +449,7 @@ class NixlAgent:
             "nixl_version": nixl_version(),
             "agent": self.name,
             "backend": self.backend,
+            "gds_mode": gds_mode() if self.backend in GDS_BACKENDS else None,
             "engine": self.report.engine,
             "params": self.report.params,
             "mem_types": self.mem_types,
@@ -397,4 +520,34 @@ def aligned_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """A page-aligned, zero-filled host tensor of ``shape`` and ``dtype``."""
     n = int(np.prod(shape)) * dtype.itemsize
     return _aligned_empty(n).view(dtype).reshape(tuple(shape))
+
+
+def plan_requests(file_descs: np.ndarray, max_ios: int, split_bytes: int) -> list[tuple[int, int]]:
+    """Split descriptor rows into consecutive spans of at most ``max_ios`` I/Os each, counting a
+    row of length L as ceil(L / split_bytes) I/Os (how NIXL's GDS plugin splits descriptors).
+    A single row larger than ``max_ios * split_bytes`` gets a span of its own."""
+    if max_ios < 1 or split_bytes < 1:
+        raise ValueError("max_ios and split_bytes must be positive")
+    lengths = np.asarray(file_descs, dtype=np.uint64).reshape(-1, 3)[:, 1] if len(file_descs) else np.zeros(0, np.uint64)
+    ios = np.maximum(1, -(-lengths.astype(np.int64) // split_bytes))
+    spans: list[tuple[int, int]] = []
+    lo, used = 0, 0
+    for i, n in enumerate(ios.tolist()):
+        if i > lo and used + n > max_ios:
+            spans.append((lo, i))
+            lo, used = i, 0
+        used += n
+    if len(ios):
+        spans.append((lo, len(ios)))
+    return spans
+
+
+def gds_mode() -> str:
+    """How cuFile would move data on this host: "p2p" with the nvidia-fs driver, else "compat"
+    (cuFile falls back to POSIX I/O through a bounce buffer: correct, but not GPU-direct)."""
+    import glob
+
+    if os.environ.get("CUFILE_FORCE_COMPAT_MODE", "").lower() in ("1", "true"):
+        return "compat"
+    return "p2p" if glob.glob("/dev/nvidia-fs*") else "compat"
 

@@ -21,6 +21,7 @@ import torch
 import xxhash
 
 from vua_nixl.agent import NixlAgent, aligned_empty
+from vua_nixl.digest import PROJ64, proj64
 from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError
 from vua_nixl.format import FORMAT_VERSION, checksum, decode_header
 from vua_nixl.paths import StorePaths, note_odd_name, parse_tmp_name, writer_gone
@@ -213,7 +214,12 @@ def check_block_bytes(fp_hex: str, path: str, data: bytes) -> Optional[str]:
         return "key is not the hash of parent key and tokens"
     if len(data) != h.payload_offset + h.payload_len:
         return f"size {len(data)} != header offset + length {h.payload_offset + h.payload_len}"
-    if checksum([data[h.payload_offset :]]) != h.checksum:
+    payload = data[h.payload_offset :]
+    if h.alg == PROJ64:
+        digest = proj64(torch.frombuffer(bytearray(payload), dtype=torch.uint8)) if payload else proj64(torch.zeros(0, dtype=torch.uint8))
+    else:
+        digest = checksum([payload])
+    if digest != h.checksum:
         return "payload checksum mismatch"
     return None
 

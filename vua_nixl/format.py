@@ -64,6 +64,7 @@ class BlockHeader:
     created: float
     version: int = FORMAT_VERSION
     mac: bytes = b""  # sealed (tenant) blocks only: keyed BLAKE2b over mac_fields() and the payload
+    alg: str = "xxh3"  # payload digest algorithm (vua_nixl.digest): "xxh3" (host) or "proj64" (GPU)
 
     def to_fields(self) -> dict[str, Any]:
         fields = self.mac_fields()
@@ -86,6 +87,7 @@ class BlockHeader:
             "off": self.payload_offset,
             "len": self.payload_len,
             "xxh3": self.checksum,
+            **({"alg": self.alg} if self.alg != "xxh3" else {}),
         }
 
     def mac_input(self) -> bytes:
@@ -140,12 +142,16 @@ def decode_header(buf: bytes | memoryview) -> BlockHeader:
     layout = _field(fields, "layout", dict)
     if _field(fields, "v", int) != version:
         raise CorruptBlockError(f"header version {fields['v']} disagrees with the prefix ({version})")
+    alg = fields.get("alg", "xxh3")
+    if alg not in ("xxh3", "proj64"):
+        raise CorruptBlockError(f"unknown payload digest algorithm {alg!r}")
     mac = b""
     if version == SEALED_VERSION:
         mac = _field(fields, "mac", bytes)
         if len(mac) != 16:
             raise CorruptBlockError("sealed block without a 16-byte MAC")
     return BlockHeader(
+        alg=alg,
         mac=mac,
         version=version,
         namespace=_field(fields, "ns", bytes),
@@ -186,12 +192,12 @@ class ExpectedBlock:
     def file_size(self) -> int:
         return self.payload_offset + self.payload_len
 
-    def make_header(self, checksum: int, created: Optional[float] = None, mac: bytes = b"") -> BlockHeader:
+    def make_header(self, checksum: int, created: Optional[float] = None, mac: bytes = b"", alg: str = "xxh3") -> BlockHeader:
         return BlockHeader(
             namespace=self.namespace, key=self.key, parent=self.parent, tokens=self.tokens,
             dtype=self.dtype, shape=self.shape, layout=self.layout, payload_offset=self.payload_offset,
             payload_len=self.payload_len, checksum=checksum, created=time.time() if created is None else created,
-            version=self.version, mac=mac,
+            version=self.version, mac=mac, alg=alg,
         )
 
 

@@ -42,11 +42,9 @@ def make_agent(cfg: StoreConfig, probe_dir: str | os.PathLike[str]) -> NixlAgent
     mount, an auditor's account) it probes in a private temporary directory instead, so
     read-only commands work there."""
     if os.access(probe_dir, os.W_OK | os.X_OK):
-        return NixlAgent(cfg.backend, posix_io=cfg.posix_io, probe_dir=probe_dir, direct_io=cfg.direct_io,
-                         timeout_s=cfg.transfer_timeout_s)
+        return NixlAgent.from_config(cfg, probe_dir)
     with tempfile.TemporaryDirectory(prefix="vua-nixl-probe-") as private:
-        return NixlAgent(cfg.backend, posix_io=cfg.posix_io, probe_dir=private, direct_io=cfg.direct_io,
-                         timeout_s=cfg.transfer_timeout_s)
+        return NixlAgent.from_config(cfg, private)
 
 
 def register(sub: Any) -> None:

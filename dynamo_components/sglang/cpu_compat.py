@@ -1,6 +1,6 @@
 """Let SGLang's HiCache classes import on a CPU-only machine without torchvision.
 
-Only for CPU test and benchmark machines (tests/sglang, benchmarks/sglang_backends.py). A GPU
+Only for CPU test and benchmark machines (tests/sglang_backend, benchmarks/sglang_backends.py). A GPU
 deployment has SGLang's full dependency set, torchvision included, and never calls this.
 
 Why it is needed: importing ``sglang.srt.mem_cache.memory_pool`` imports the whole
@@ -78,7 +78,7 @@ def enable() -> bool:
 
     real = importlib.import_module("transformers.models.auto.image_processing_auto").AutoImageProcessor
     # transformers replaces its own sys.modules entry with a lazy module: patch that object.
-    setattr(sys.modules["transformers"], "AutoImageProcessor", real)
+    sys.modules["transformers"].AutoImageProcessor = real
     for name in _STUB_MODULES:
         mod = _StubModule(name)
         mod.__spec__ = importlib.machinery.ModuleSpec(name, None)

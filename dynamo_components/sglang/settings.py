@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vua_nixl import KVStore, Namespace
-
     from dynamo_components.sglang.pages import PageGeometry
+    from vua_nixl import KVStore, Namespace
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -90,10 +91,11 @@ class StoreCore:
         """Whether the agent cannot use ``t``'s memory directly (see StagingPool)."""
         if t.device.type == "cuda" and not self.vram_ok:
             return True
-        if not self.direct or t.device.type != "cpu":
+        if not self.direct:
             return False
-        # O_DIRECT: every segment's address must be aligned, so the base and the strides between
-        # segments (layer, K/V, chunk start) must all be multiples of the alignment.
+        # O_DIRECT and GDS: every segment's address must be aligned, so the base and the strides
+        # between segments (layer, K/V, chunk start) must all be multiples of the alignment
+        # (unaligned GPU memory would make cuFile bounce and read-modify-write behind our back).
         isz = t.element_size()
         st = t.stride()
         c = self.geo.chunk_tokens
@@ -107,3 +109,25 @@ def describe_oserror(exc: OSError, root: os.PathLike[str] | str) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"store root {root} is not writable ({exc.strerror})"
     return f"{exc.strerror or exc} ({exc.filename or root})"
+
+
+@contextmanager
+def on_device(tensors: Iterable[Optional[torch.Tensor]]) -> Iterator[None]:
+    """Stream discipline around a transfer that touches GPU memory.
+
+    Before: every CUDA device involved has its current stream synchronised, so kernels still
+    queued on the source (a put of KV produced on a side stream) or on the destination (a get
+    into blocks a queued kernel still reads or writes) finish before cuFile's DMA starts: NIXL
+    moves bytes outside CUDA stream order. After the transfer returns the bytes are in place,
+    so work the caller enqueues next sees them. During: the device of the first CUDA tensor is
+    current, because NIXL's registration calls ``cudaSetDevice`` on the calling thread and
+    allocations must not drift to another GPU. A no-op for host memory."""
+    devices = sorted({t.device.index or 0 for t in tensors if t is not None and t.device.type == "cuda"})
+    if not devices:
+        yield
+        return
+    for d in devices:
+        torch.cuda.current_stream(d).synchronize()
+    with torch.cuda.device(devices[0]):
+        yield
+

@@ -25,7 +25,7 @@ from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 
-from vua_nixl.agent import NixlAgent, StagingPool, aligned_empty
+from vua_nixl.agent import GDS_BACKENDS, NixlAgent, StagingPool, aligned_empty
 from vua_nixl.config import StoreConfig
 from vua_nixl.dtypes import DTYPES
 from vua_nixl.errors import InvalidInputError, StoreRootError, VuaNixlError
@@ -34,7 +34,8 @@ from vua_nixl.kvlayout import check_out, to_canonical, token_dim
 from vua_nixl.paths import StorePaths
 from vua_nixl.store.core import StoreCore
 from vua_nixl.store.observers import ObserverList, StoredChunk, StoreObserver
-from vua_nixl.store.planning import DIRECT_ALIGN, Arena, ChunkGeometry, Plan
+from vua_nixl.store.planning import DIRECT_ALIGN, Arena, ChunkGeometry, Plan, group_by_memory, memory_kind
+from vua_nixl.store.pool import OutputPool
 from vua_nixl.store.presence import PresenceCache
 from vua_nixl.store.reader import BlockReader
 from vua_nixl.store.writer import BlockWriter
@@ -92,16 +93,22 @@ class KVStore:
         self.file_bytes = geo.file_bytes
 
         self._own_agent = agent is None
-        self.agent = agent or NixlAgent(
-            cfg.backend, posix_io=cfg.posix_io, probe_dir=self.paths.tmp, name=cfg.agent_name,
-            direct_io=cfg.direct_io, timeout_s=cfg.transfer_timeout_s,
-        )
-        if cfg.direct_io and self.agent.backend == "POSIX" and geo.seg_bytes % DIRECT_ALIGN:
+        self.agent = agent or NixlAgent.from_config(cfg, self.paths.tmp)
+        if self.agent.backend in GDS_BACKENDS and not cfg.verify_checksums:
             if self._own_agent:
                 self.agent.close()
             raise InvalidInputError(
-                f"direct_io needs chunk segments that are multiples of {DIRECT_ALIGN} bytes; "
-                f"this layout and chunk_tokens={self.chunk_tokens} give {geo.seg_bytes}"
+                "verify_checksums=False is refused on GDS/GDS_MT: a failed or short cuFile I/O can look "
+                "complete, and only the checksum stops its bytes from being served as KV"
+            )
+        aligned_io = (cfg.direct_io and self.agent.backend == "POSIX") or self.agent.backend in GDS_BACKENDS
+        if aligned_io and geo.seg_bytes % DIRECT_ALIGN:
+            if self._own_agent:
+                self.agent.close()
+            raise InvalidInputError(
+                f"{'direct_io' if self.agent.backend == 'POSIX' else self.agent.backend} needs chunk segments that are "
+                f"multiples of {DIRECT_ALIGN} bytes; this layout and chunk_tokens={self.chunk_tokens} give "
+                f"{geo.seg_bytes} (choose chunk_tokens so that chunk_tokens x kv_heads x head_dim x itemsize is a multiple of 4096)"
             )
         self.observers = ObserverList(observers)
         self._core = StoreCore(
@@ -113,6 +120,7 @@ class KVStore:
             notify=lambda hook, *args: self.observers.notify(hook, self, *args),
             arenas={"READ": Arena(self.agent), "WRITE": Arena(self.agent)},
         )
+        self._pool = OutputPool(self.agent, cfg.output_pool_mib << 20)
         self._writer = BlockWriter(self._core)
         self._reader = BlockReader(self._core)
         self._closed = False
@@ -133,6 +141,7 @@ class KVStore:
         for arena in self._core.arenas.values():
             arena.release()
         self._core.staging.release()
+        self._pool.release()
         self._reader.close()
         if self._own_agent:
             self.agent.close()
@@ -213,8 +222,18 @@ class KVStore:
         return self.put_many([(tokens, kv)])[0]
 
     def put_many(self, items: Sequence[tuple[Any, Any]]) -> list[int]:
-        """Store several sequences with one NIXL write. All-or-nothing: on error nothing is published."""
+        """Store several sequences with one NIXL write. All-or-nothing: on error nothing is published.
+
+        Items in different kinds of memory (host and GPU) go as one write per kind, each
+        all-or-nothing on its own (a NIXL request has one memory type)."""
         self._check_open()
+        groups = group_by_memory([memory_kind(kv) for _, kv in items])
+        if len(groups) > 1:
+            results_by_index: dict[int, int] = {}
+            for idx in groups:
+                for i, r in zip(idx, self.put_many([items[i] for i in idx])):
+                    results_by_index[i] = r
+            return [results_by_index[i] for i in range(len(items))]
         now = time.monotonic()
         plans: list[Plan] = []
         todo: dict[bytes, tuple[int, int]] = {}  # key -> (plan index, chunk index): dedupes shared prefixes
@@ -262,8 +281,17 @@ class KVStore:
         self._check_open()
         if outs is not None and len(outs) != len(tokens_list):
             raise InvalidInputError(f"{len(outs)} output buffers given for {len(tokens_list)} token sequences")
-        t0 = time.perf_counter()
         device = torch.device(device)
+        kinds = [memory_kind(outs[r]) if outs is not None and outs[r] is not None else device.type for r in range(len(tokens_list))]
+        groups = group_by_memory(kinds)
+        if len(groups) > 1:  # one NIXL read per kind of destination memory
+            by_index: dict[int, GetResult] = {}
+            for idx in groups:
+                sub_outs = [outs[i] for i in idx] if outs is not None else None
+                for i, res in zip(idx, self.get_many([tokens_list[i] for i in idx], sub_outs, device)):
+                    by_index[i] = res
+            return [by_index[i] for i in range(len(tokens_list))]
+        t0 = time.perf_counter()
         plans: list[Plan] = []
         with ExitStack() as stack:
             try:
@@ -301,10 +329,16 @@ class KVStore:
             shape = self.layout.shape(plan.n * self.chunk_tokens)
             if device.type == "cuda":
                 plan.out_view = plan.mem = torch.empty(shape, dtype=self.dtype, device=device)
-            elif self._core.direct:
-                plan.out_view = plan.mem = aligned_empty(shape, self.dtype)
             else:
-                plan.out_view = plan.mem = torch.empty(shape, dtype=self.dtype)
+                # Pooled memory is registered, page aligned and already faulted in; the caller
+                # owns the result (the slab returns to the pool only once it is garbage).
+                pooled = self._pool.take(shape, self.dtype) if device.type == "cpu" else None
+                if pooled is not None:
+                    plan.out_view = plan.mem = pooled
+                elif self._core.direct:
+                    plan.out_view = plan.mem = aligned_empty(shape, self.dtype)
+                else:
+                    plan.out_view = plan.mem = torch.empty(shape, dtype=self.dtype)
         return plan
 
     def _stage(self, plans: list[Plan], stack: ExitStack) -> None:

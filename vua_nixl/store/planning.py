@@ -12,12 +12,13 @@ from __future__ import annotations
 import ctypes
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from vua_nixl.agent import NixlAgent, aligned_empty
+from vua_nixl.digest import PROJ64, XXH3, proj64
 from vua_nixl.format import FORMAT_VERSION, SEALED_VERSION, BlockHeader, ExpectedBlock, checksum, payload_offset
 from vua_nixl.keys import KeyChain, KVLayout
 from vua_nixl.kvlayout import token_dim
@@ -26,8 +27,12 @@ from vua_nixl.kvlayout import token_dim
 MAX_FILES_PER_TRANSFER = 2048
 #: O_DIRECT alignment for addresses, offsets and lengths (the largest common logical block size).
 DIRECT_ALIGN = 4096
-#: bytes per pipelined read sub-batch (verification of one overlaps the read of the next).
-PIPELINE_BYTES = 64 << 20
+#: most bytes per pipelined read sub-batch (verification of one overlaps the read of the next).
+PIPELINE_BYTES = 8 << 20
+#: fewest bytes worth a sub-batch of its own (below, per-request costs outweigh the overlap).
+PIPELINE_MIN_BYTES = 2 << 20
+#: sub-batches a large read is cut into, so the unoverlapped last verification is a small share.
+PIPELINE_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -106,13 +111,21 @@ class ChunkGeometry:
             offs = (layers[:, None] * st[0] + np.arange(2)[None, :] * st[1]).reshape(-1) + start * st[2]
         return (t.data_ptr() + offs * isz).astype(np.uint64)
 
-    def chunk_checksum(self, t: torch.Tensor, chunk: int, addrs: np.ndarray) -> int:
-        """XXH3 of a chunk's payload as laid out in its file, from host or GPU memory."""
-        if t.device.type == "cuda":  # device pointers cannot be read from the host
-            c = self.chunk_tokens
-            host = t.narrow(token_dim(self.layout), chunk * c, c).contiguous().cpu()
-            return checksum([host.view(torch.uint8).numpy()])
+    def chunk_checksum(self, t: torch.Tensor, chunk: int, addrs: np.ndarray, alg: Optional[str] = None) -> int:
+        """Digest of a chunk's payload as laid out in its file, computed where the bytes are:
+        ``alg`` None picks :func:`digest_for` ``t`` (what a writer records in the header); a
+        reader passes the header's algorithm."""
+        alg = alg or digest_for(t)
+        if alg == PROJ64:  # on the tensor's device: only the projections cross to the host
+            return proj64(self.payload(t, chunk))
+        if t.device.type == "cuda":  # an XXH3 block read into GPU memory: device pointers are not host-readable
+            return checksum([self.payload(t, chunk).cpu().numpy()])
         return checksum(segments(addrs, self.seg_bytes))
+
+    def payload(self, t: torch.Tensor, chunk: int) -> torch.Tensor:
+        """A chunk's payload bytes in file order, as a 1-D uint8 tensor on ``t``'s device."""
+        c = self.chunk_tokens
+        return t.narrow(token_dim(self.layout), chunk * c, c).contiguous().view(torch.uint8).reshape(-1)
 
 
 class Plan:
@@ -158,9 +171,39 @@ class Arena:
 
 
 def segments(addrs: np.ndarray, seg_bytes: int) -> Iterable[Any]:
-    """Zero-copy buffers over host memory segments (for hashing)."""
-    for a in addrs.tolist():
-        yield (ctypes.c_char * seg_bytes).from_address(a)
+    """Zero-copy buffers over host memory segments (for hashing), in order.
+
+    Segments adjacent in memory are merged into one buffer (hashing is streaming, so the digest
+    is the same), and every buffer is a slice of one view over the span they cover: one ctypes
+    object per call instead of one per segment, which cost as much as hashing a 64 KiB segment.
+    """
+    if len(addrs) == 0:
+        return []
+    a = addrs.astype(np.int64)
+    lo = int(a.min())
+    span = memoryview((ctypes.c_char * (int(a.max()) + seg_bytes - lo)).from_address(lo)).cast("B")
+    breaks = np.flatnonzero(a[1:] != a[:-1] + seg_bytes) + 1
+    starts = [0, *breaks.tolist()]
+    ends = [*breaks.tolist(), len(a)]
+    rel = (a - lo).tolist()
+    return [span[rel[b] : rel[b] + (e - b) * seg_bytes] for b, e in zip(starts, ends)]
+
+
+def pipeline_groups(n_jobs: int, job_bytes: int) -> list[tuple[int, int]]:
+    """Split ``n_jobs`` chunk reads into balanced sub-batches for read/verify pipelining.
+
+    Aim for about ``PIPELINE_DEPTH`` groups of ``PIPELINE_MIN_BYTES``..``PIPELINE_BYTES`` each,
+    all the same size (give or take one chunk): the last group's verification is the part that
+    cannot overlap a read, so no group may be much larger than the others (a 64 MiB budget over
+    4 MiB + header files used to make 15 + 1).
+    """
+    if n_jobs <= 0:
+        return []
+    total = n_jobs * job_bytes
+    target = min(PIPELINE_BYTES, max(PIPELINE_MIN_BYTES, total // PIPELINE_DEPTH))
+    ngroups = min(n_jobs, max(1, -(-total // target)))
+    bounds = [round(i * n_jobs / ngroups) for i in range(ngroups + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(ngroups) if bounds[i + 1] > bounds[i]]
 
 
 def coalesce(mem: np.ndarray, fil: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,6 +223,13 @@ def coalesce(mem: np.ndarray, fil: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     m[:, 1] = lengths
     f[:, 1] = lengths
     return m, f
+
+
+def dram_rows(hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray, pay_f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One host-memory request's rows: headers and payloads, each coalesced."""
+    hm, hf = coalesce(hdr_m, hdr_f)
+    pm, pf = coalesce(pay_m, pay_f)
+    return np.concatenate([hm, pm]), np.concatenate([hf, pf])
 
 
 def transfer_rows(agent: NixlAgent, op: str, hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray,
@@ -219,3 +269,25 @@ def read_rows(geo: ChunkGeometry, jobs: list[tuple[Plan, int]], arena: Arena) ->
         pay_f[j, :, 1] = seg_bytes
         pay_f[j, :, 2] = fd
     return hdr_m, hdr_f, pay_m.reshape(-1, 3), pay_f.reshape(-1, 3), seg_addrs
+
+
+def digest_for(t: torch.Tensor) -> str:
+    """The payload digest a block written from ``t`` records: proj64 from GPU memory (no copy
+    to the host), XXH3 from host memory."""
+    return PROJ64 if t.device.type == "cuda" else XXH3
+
+
+def memory_kind(kv: Any) -> str:
+    """"cuda" or "cpu" (or another device type) of a KV argument: a tensor or a list of layers."""
+    while isinstance(kv, (list, tuple)) and kv:
+        kv = kv[0]
+    return kv.device.type if isinstance(kv, torch.Tensor) else "cpu"
+
+
+def group_by_memory(kinds: Sequence[str]) -> list[list[int]]:
+    """Indices grouped by memory kind, in order of first appearance (one transfer per group)."""
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(kinds):
+        groups.setdefault(k, []).append(i)
+    return list(groups.values())
+

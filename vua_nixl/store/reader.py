@@ -20,20 +20,25 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from vua_nixl.digest import XXH3
 from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError, VuaNixlError
 from vua_nixl.format import decode_header
 from vua_nixl.kvlayout import token_dim
 from vua_nixl.paths import StorePaths
 from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular
 from vua_nixl.store import planning
-from vua_nixl.store.core import StoreCore
-from vua_nixl.store.planning import Arena, Plan, read_rows, transfer_rows
+from vua_nixl.store.core import StoreCore, on_device
+from vua_nixl.store.planning import Arena, Plan, dram_rows, read_rows, transfer_rows
 
 log = logging.getLogger(__name__)
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 Job = tuple[Plan, int]
+#: True: verify sub-batch k on a worker thread while this one reads k+1 (GIL hand-offs between
+#: the two cost more than they save on a busy 2-core host). False (default): post k+1, then
+#: verify k on the calling thread while the I/O engine moves k+1 (host memory only).
+VERIFY_IN_THREAD = False
 _NEWER = "newer: "
 _CALLER = "caller: "
 _PAYLOAD_MISMATCH = "mismatch"  # payload checksum or MAC: the bytes read, not the header
@@ -136,15 +141,23 @@ class BlockReader:
                 regs = core.agent.register_batch([(m, p.user_out and m is p.out_view) for m, p in zip(mems, plans)])  # type: ignore[misc]
                 mem_type = core.agent.mem_type_of(mems[0])  # type: ignore[arg-type]
                 hdr_m, hdr_f, pay_m, pay_f, seg_addrs = read_rows(geo, jobs, arena)
-                per = max(1, planning.PIPELINE_BYTES // geo.file_bytes)
-                groups = [(i, min(i + per, len(jobs))) for i in range(0, len(jobs), per)]
+                groups = planning.pipeline_groups(len(jobs), geo.file_bytes)
                 checks: list[Any] = []
                 try:
-                    with core.agent.files([fd for p in plans for fd in p.fds]):
-                        for lo, hi in groups:
-                            seg = slice(lo * geo.nseg, hi * geo.nseg)
-                            transfer_rows(core.agent, "READ", hdr_m[lo:hi], hdr_f[lo:hi], pay_m[seg], pay_f[seg], mem_type)
-                            checks.append(self._submit_check(jobs, lo, hi, arena, seg_addrs, len(groups) > 1))
+                    with on_device(mems), core.agent.files([fd for p in plans for fd in p.fds]):
+                        if mem_type == "DRAM" and not VERIFY_IN_THREAD:
+                            # Sub-batch k+1 is in flight (the I/O engine's threads copy it) while
+                            # this thread verifies sub-batch k, still warm in the CPU cache.
+                            batches = [dram_rows(hdr_m[lo:hi], hdr_f[lo:hi], pay_m[lo * geo.nseg : hi * geo.nseg],
+                                                 pay_f[lo * geo.nseg : hi * geo.nseg]) for lo, hi in groups]
+                            core.agent.transfer_overlapped(
+                                "READ", batches, mem_type,
+                                lambda k: checks.append(self._check_range(jobs, *groups[k], arena, seg_addrs)))
+                        else:
+                            for lo, hi in groups:
+                                seg = slice(lo * geo.nseg, hi * geo.nseg)
+                                transfer_rows(core.agent, "READ", hdr_m[lo:hi], hdr_f[lo:hi], pay_m[seg], pay_f[seg], mem_type)
+                                checks.append(self._submit_check(jobs, lo, hi, arena, seg_addrs, VERIFY_IN_THREAD and len(groups) > 1))
                     reasons = [r for c in checks for r in (c.result() if hasattr(c, "result") else c)]
                 except TransferError as exc:
                     for c in checks:  # let in-flight verification finish before memory is reused
@@ -200,7 +213,7 @@ class BlockReader:
                 geo.expected(core.chain, plan.keys[ci], core.parent_of(plan.keys, ci), toks).check(header)
                 assert plan.mem is not None
                 if core.config.verify_checksums:
-                    if geo.chunk_checksum(plan.mem, ci, seg_addrs[j]) != header.checksum:
+                    if geo.chunk_checksum(plan.mem, ci, seg_addrs[j], header.alg) != header.checksum:
                         raise CorruptBlockError("payload checksum mismatch")
                 if core.chain.sealed:  # always, whatever verify_checksums says: this is authentication
                     mac = geo.chunk_mac(core.chain, header, plan.mem, ci, seg_addrs[j])
@@ -260,7 +273,7 @@ class BlockReader:
         tdim = token_dim(geo.layout)
         assert plan.mem is not None and private.mem is not None
         plan.mem.narrow(tdim, ci * c, c).copy_(private.mem.narrow(tdim, ci * c, c))
-        if geo.chunk_checksum(plan.mem, ci, geo.segment_addrs(plan.mem, ci)) != geo.chunk_checksum(private.mem, ci, addrs[0]):
+        if geo.chunk_checksum(plan.mem, ci, geo.segment_addrs(plan.mem, ci), XXH3) != geo.chunk_checksum(private.mem, ci, addrs[0], XXH3):
             log.warning("output buffer changed while chunk %d was loaded into it; the prefix ends there", ci)
             return _CALLER + "output buffer changed during the load"
         log.warning("chunk %d failed its check in the caller's buffer but not in a private one: kept", ci)

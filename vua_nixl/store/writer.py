@@ -23,9 +23,9 @@ from vua_nixl.format import encode_header
 from vua_nixl.kvlayout import token_dim
 from vua_nixl.safeio import checked_dir
 from vua_nixl.store import planning
-from vua_nixl.store.core import StoreCore, describe_oserror
+from vua_nixl.store.core import StoreCore, describe_oserror, on_device
 from vua_nixl.store.observers import StoredChunk
-from vua_nixl.store.planning import Plan, transfer_rows
+from vua_nixl.store.planning import Plan, digest_for, transfer_rows
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
@@ -74,7 +74,8 @@ class BlockWriter:
         fds: list[int] = []
         regs: list[Optional[tuple[int, int, str]]] = []
         chunks: list[StoredChunk] = []
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (_O_DIRECT if core.direct else 0)
+        # Read-write, not write-only: cuFile may read-modify-write a partial 4 KiB block.
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | (_O_DIRECT if core.direct else 0)
         try:
             with arena.lock:
                 arena.ensure(len(jobs) * poff)
@@ -86,10 +87,11 @@ class BlockWriter:
                     plan = plans[pi]
                     src = host_mem[pi]
                     addrs = geo.segment_addrs(src, ci)
-                    csum = geo.chunk_checksum(src, ci, addrs)
+                    alg = digest_for(src)
+                    csum = geo.chunk_checksum(src, ci, addrs, alg)
                     parent = core.parent_of(plan.keys, ci)
                     toks = plan.tokens[ci * c : (ci + 1) * c]
-                    header = geo.expected(core.chain, key, parent, toks).make_header(csum)
+                    header = geo.expected(core.chain, key, parent, toks).make_header(csum, alg=alg)
                     if core.chain.sealed:
                         header = replace(header, mac=geo.chunk_mac(core.chain, header, src, ci, addrs))
                     hdr = encode_header(header)
@@ -106,9 +108,10 @@ class BlockWriter:
                     pay_f.extend((poff + s * geo.seg_bytes, geo.seg_bytes, fd) for s in range(geo.nseg))
                     chunks.append(StoredChunk(ci, key, parent, toks, geo.file_bytes, core.block_path(key)))
                 regs = core.agent.register_batch([(src, False) for src in host_mem.values()])
+                device_ctx = on_device(host_mem.values())
                 hm, hf, pm, pf = (np.array(r, dtype=np.uint64) for r in (hdr_m, hdr_f, pay_m, pay_f))
                 mem_type = core.agent.mem_type_of(next(iter(host_mem.values())))
-                with core.agent.files(fds):
+                with device_ctx, core.agent.files(fds):
                     transfer_rows(core.agent, "WRITE", hm, hf, pm, pf, mem_type)
             if core.config.fsync:
                 for fd in fds:

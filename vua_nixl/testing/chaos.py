@@ -112,6 +112,11 @@ class ChaosConfig:
     hosts: int = 2
     prune_period_s: float = 1.0
     seed: int = 0
+    #: Mounts of ``root`` seen as different clients (e.g. sshfs): worker ``w`` uses
+    #: ``client_roots[w % len]`` and pretends to be host "-c<i>"; the parent samples ``root``.
+    client_roots: list[str] = field(default_factory=list)
+    lease_s: float = 2.0
+    lease_margin_s: float = 1.0
 
 
 @dataclass
@@ -195,16 +200,20 @@ def worker_main(wid: int, cfg: ChaosConfig, stop_at: Any, ready: Any) -> None:
     rng = np.random.default_rng([cfg.seed, wid, os.getpid()])
     j = Journal(Path(cfg.journal_dir) / f"w{wid}.{os.getpid()}.journal")
     j.write("B")
-    if cfg.hosts > 1:
-        # Pretend to be one of several hosts sharing the root: access logs and temp files carry
-        # the host name, and a pruner may only judge writer liveness on its own host.
+    root = cfg.client_roots[wid % len(cfg.client_roots)] if cfg.client_roots else cfg.root
+    if cfg.client_roots or cfg.hosts > 1:
+        # Pretend to be one of several hosts sharing the root: access logs, temp files and the
+        # root lease carry the host name, and liveness by pid is only judged on one's own host.
         import vua_nixl.paths
 
-        vua_nixl.paths._HOST = f"{vua_nixl.paths._HOST}-h{wid % cfg.hosts}"
-    lc = Lifecycle(cfg.root, max_bytes=cfg.max_bytes, metrics=False, refresh_s=cfg.refresh_s,
+        tag = f"c{wid % len(cfg.client_roots)}" if cfg.client_roots else f"h{wid % cfg.hosts}"
+        vua_nixl.paths._HOST = f"{vua_nixl.paths._HOST}-{tag}"
+    os.environ["VUA_NIXL_LEASE_S"] = str(cfg.lease_s)
+    os.environ["VUA_NIXL_LEASE_MARGIN_S"] = str(cfg.lease_margin_s)
+    lc = Lifecycle(root, max_bytes=cfg.max_bytes, metrics=False, refresh_s=cfg.refresh_s,
                    prune_period_s=cfg.prune_period_s)
     lc.pruner.on_evict.insert(0, lambda fp, keys: j.write("E " + " ".join(k.hex() for k in keys)))
-    store = KVStore(cfg.root, namespace(), chunk_tokens=CHUNK, backend="POSIX",
+    store = KVStore(root, namespace(), chunk_tokens=CHUNK, backend="POSIX",
                     presence_ttl_s=cfg.presence_ttl_s, observers=[_JournalObserver(j), *lc.observers()])
     if cfg.prune_period_s and wid % 2 == 0:
         lc.start()  # half the workers also run the background pruner thread (journaled above)
@@ -361,10 +370,14 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
 
     done = threading.Event()
 
+    # Usage as the guards see it (through a client when there are several: the limit is on
+    # what the clients' file system reports, e.g. sshfs reports no allocation of its own).
+    view = cfg.client_roots[0] if cfg.client_roots else cfg.root
+
     def sample() -> None:
         while not done.is_set():
             try:
-                usage = sum(b.size for b in scan_blocks(cfg.root))
+                usage = sum(b.size for b in scan_blocks(view))
             except OSError:
                 usage = 0
             rep.max_usage = max(rep.max_usage, usage)
@@ -421,7 +434,7 @@ def _audit(cfg: ChaosConfig, rep: ChaosReport) -> None:
             rep.loads_partial += n if kind == "partial" else 0
     rep.wrong_kv_served = len(jr["W"])
     rep.wrong_details = jr["W"][:20]
-    blocks = scan_blocks(cfg.root)
+    blocks = scan_blocks(cfg.client_roots[0] if cfg.client_roots else cfg.root)
     present = {b.key.hex(): b for b in blocks}
     rep.final_usage = sum(b.size for b in blocks)
     rep.max_usage = max(rep.max_usage, rep.final_usage)

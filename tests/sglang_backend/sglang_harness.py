@@ -1,7 +1,7 @@
 """Drive SGLang's real HiCache classes on CPU: device pool, host pool, HiCacheController.
 
 Used in-process by the tests and as a script for the "fresh process" half of a test
-(``python harness.py read JOB.json`` prints one JSON line with the results).
+(``python sglang_harness.py read JOB.json`` prints one JSON line with the results).
 
 Everything here is SGLang's own code path: pages reach our backend through
 ``HiCacheController.write_storage`` (backup thread -> ``batch_set_v1``) and come back through
@@ -281,7 +281,7 @@ def run_reads(job: dict) -> list[dict]:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "read":
-        raise SystemExit("usage: harness.py read JOB.json")
+        raise SystemExit("usage: sglang_harness.py read JOB.json")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     results = run_reads(json.loads(Path(sys.argv[2]).read_text()))
     print("RESULT " + json.dumps(results))

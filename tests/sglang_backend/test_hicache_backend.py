@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import harness as h
+import sglang_harness as h
 import numpy as np
 import pytest
 import torch
@@ -48,7 +48,7 @@ def test_backup_then_prefetch_in_fresh_process_is_bit_identical(store_root, rigs
     reads = [{"mla": mla, "layout": lay, "seed": 1 + mla, "tokens": 4 * h.PAGE} for mla in (False, True) for lay in layouts[mla]]
     job = Path(store_root).parent / "job.json"
     job.write_text(json.dumps({"root": store_root, "reads": reads}))
-    proc = subprocess.run([sys.executable, str(HERE / "harness.py"), "read", str(job)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(HERE / "sglang_harness.py"), "read", str(job)], capture_output=True, text=True, timeout=120)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     results = json.loads(line[0][len("RESULT "):])

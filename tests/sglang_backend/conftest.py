@@ -1,7 +1,7 @@
 """SGLang HiCache backend tests: SGLang's real pools and HiCacheController, real NIXL POSIX agent, CPU only.
 
 They need SGLang, which lives in its own venv (scripts/install-sglang.sh -> .venv-sglang); without it
-this directory is skipped. Run: ``.venv-sglang/bin/python -m pytest -q tests/sglang``.
+this directory is skipped. Run: ``.venv-sglang/bin/python -m pytest -q tests/sglang_backend``.
 """
 
 import pytest
@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).parent))
 logging.getLogger("nixl").setLevel(logging.WARNING)
 
-import harness  # noqa: E402  (installs the CPU stand-ins before any SGLang pool module is imported)
+import sglang_harness as harness  # noqa: E402  (installs the CPU stand-ins before any SGLang pool module is imported)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,167 @@
+"""Store vs raw NIXL on a GPU host: GDS, GDS_MT and POSIX (host bounce), 4-64 MiB chunks.
+
+For each backend that starts here, the same bytes move three ways in the same run:
+  raw     one NIXL request per batch between a registered VRAM buffer and one O_DIRECT file
+          (no headers, no checksums): the ceiling;
+  store   KVStore.put / get(out=) of Llama-3.1-8B-shaped KV (checksums on: the proj64 digest is
+          computed on the GPU);
+  store-nocheck  the same with verify_checksums off (POSIX only: refused on GDS by design).
+It also times the payload digests (proj64 on the GPU and on the CPU, XXH3 on the CPU).
+Prints a table with ratios against raw and writes results/gpu_io/results.json.
+
+    python benchmarks/gpu_io.py [--sizes 4 16 64] [--chunks 16] [--root /mnt/nvme/x] [--device cuda]
+
+Runs on a CPU host too (``--device cpu``: DRAM instead of VRAM, POSIX only) so the script
+itself is checked everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xxhash
+
+from vua_nixl import KVLayout, KVStore, Namespace
+from vua_nixl.agent import NixlAgent, aligned_empty
+from vua_nixl.digest import proj64
+from vua_nixl.errors import VuaNixlError
+
+LAYOUT = KVLayout(num_layers=32, kv_heads=8, head_dim=128)  # Llama-3.1-8B per rank
+TOKEN_BYTES = LAYOUT.elements_per_token() * 2  # bf16: 128 KiB per token
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def best(fn: Any, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def raw_nixl(agent: NixlAgent, root: Path, nbytes: int, chunks: int, device: str, repeat: int) -> dict[str, float]:
+    """One registered buffer, one O_DIRECT file, one descriptor per chunk, one request per batch."""
+    total = nbytes * chunks
+    buf = torch.empty(total, dtype=torch.uint8, device=device) if device.startswith("cuda") else aligned_empty((total,), torch.uint8)
+    buf.random_(0, 255)
+    path = root / "raw.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o600)
+    os.posix_fallocate(fd, 0, total)
+    token = agent.register_tensor(buf, cache=False)
+    mem = np.array([(buf.data_ptr() + i * nbytes, nbytes, buf.device.index or 0) for i in range(chunks)], dtype=np.uint64)
+    fil = np.array([(i * nbytes, nbytes, fd) for i in range(chunks)], dtype=np.uint64)
+    kind = agent.mem_type_of(buf)
+    try:
+        with agent.files([fd]):
+            w = best(lambda: agent.transfer("WRITE", mem, fil, kind), repeat)
+            r = best(lambda: agent.transfer("READ", mem, fil, kind), repeat)
+    finally:
+        agent.release(token)
+        os.close(fd)
+        path.unlink()
+    return {"write_GBps": total / w / 1e9, "read_GBps": total / r / 1e9}
+
+
+def store_io(backend: str, root: Path, nbytes: int, chunks: int, device: str, repeat: int, check: bool) -> dict[str, float]:
+    chunk_tokens = nbytes // TOKEN_BYTES
+    n = chunk_tokens * chunks
+    kv = torch.randint(0, 255, (n * TOKEN_BYTES,), dtype=torch.uint8).view(torch.bfloat16).reshape(LAYOUT.shape(n)).to(device)
+    out = torch.empty_like(kv)
+    toks = np.arange(n)
+    shutil.rmtree(root / "store", ignore_errors=True)
+    with KVStore(root / "store", Namespace("bench/llama", "bfloat16", LAYOUT), chunk_tokens=chunk_tokens,
+                 backend=backend, verify_checksums=check, direct_io=True) as s:
+        def put() -> None:
+            s.delete(toks)
+            s.put(toks, kv)
+            sync(device)
+
+        w = best(put, repeat)
+        r = best(lambda: (s.get(toks, out=out), sync(device)), repeat)
+        assert torch.equal(out.view(torch.uint8).cpu(), kv.view(torch.uint8).cpu()), "read back different bytes"
+        return {"write_GBps": n * TOKEN_BYTES / w / 1e9, "read_GBps": n * TOKEN_BYTES / r / 1e9, "backend": s.backend}
+
+
+def digests(device: str) -> dict[str, float]:
+    data = torch.randint(0, 255, (256 << 20,), dtype=torch.uint8)
+    out = {"xxh3_cpu_GBps": data.numel() / best(lambda: xxhash.xxh3_64_intdigest(data.numpy()), 3) / 1e9}
+    small = data[: 32 << 20]
+    out["proj64_cpu_GBps"] = small.numel() / best(lambda: proj64(small), 2) / 1e9
+    if device.startswith("cuda"):
+        g = data.to(device)
+        proj64(g)
+        out["proj64_gpu_GBps"] = g.numel() / best(lambda: (proj64(g), sync(device)), 5) / 1e9
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 64], help="chunk sizes in MiB")
+    p.add_argument("--chunks", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--root", default=None, help="directory on the storage to test (default: a temp dir)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backends", nargs="+", default=["GDS_MT", "GDS", "POSIX"])
+    p.add_argument("--out", default="results/gpu_io")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    base = Path(args.root or tempfile.mkdtemp(prefix="vua-gpu-io-"))
+    base.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for backend in args.backends if args.device.startswith("cuda") else ["POSIX"]:
+        try:
+            agent = NixlAgent(backend, probe_dir=base, direct_io=True)
+        except VuaNixlError as exc:
+            rows.append({"backend": backend, "error": str(exc)})
+            continue
+        for mib in args.sizes:
+            nbytes = mib << 20
+            row: dict[str, Any] = {"backend": backend, "chunk_MiB": mib, "device": args.device}
+            row["raw"] = raw_nixl(agent, base, nbytes, args.chunks, args.device, args.repeat)
+            for label, check in (("store", True), ("store-nocheck", False)):
+                try:
+                    row[label] = store_io(backend, base, nbytes, args.chunks, args.device, args.repeat, check)
+                except VuaNixlError as exc:
+                    row[label] = {"error": str(exc)[:120]}
+            rows.append(row)
+        agent.close()
+    result = {"rows": rows, "digests": digests(args.device), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    print(f"device {args.device} ({result['gpu'] or 'no GPU'}), root {base}")
+    print(f"{'backend':8} {'MiB':>4} {'raw W':>7} {'raw R':>7} {'store W':>8} {'store R':>8} {'W/raw':>6} {'R/raw':>6}  nocheck R/raw")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['backend']:8} unavailable: {r['error'][:90]}")
+            continue
+        raw, st, nc = r["raw"], r["store"], r["store-nocheck"]
+        if "error" in st:
+            print(f"{r['backend']:8} {r['chunk_MiB']:>4} store failed: {st['error']}")
+            continue
+        ncr = f"{nc['read_GBps'] / raw['read_GBps']:.2f}" if "read_GBps" in nc else "refused"
+        print(f"{r['backend']:8} {r['chunk_MiB']:>4} {raw['write_GBps']:7.2f} {raw['read_GBps']:7.2f} {st['write_GBps']:8.2f} "
+              f"{st['read_GBps']:8.2f} {st['write_GBps'] / raw['write_GBps']:6.2f} {st['read_GBps'] / raw['read_GBps']:6.2f}  {ncr}")
+    print("digests (GB/s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["digests"].items()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    if not args.root:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
