@@ -58,7 +58,9 @@ _CTX: list = []  # SGLang's override() is a context manager: keep it entered for
 
 def init() -> None:
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp(prefix='sgl-bench-')}", rank=0, world_size=1)
+        rendezvous = tempfile.mktemp(prefix="sgl-bench-")
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+        _CTX.append(rendezvous)
     from sglang.srt.runtime_context import get_parallel
 
     values = dict(attn_dcp_size=1, attn_dcp_rank=0, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
@@ -223,6 +225,9 @@ def main() -> int:
     path.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     print(f"\nwrote {path}")
     shutil.rmtree(base, ignore_errors=True)
+    for item in _CTX:
+        if isinstance(item, str) and os.path.exists(item):
+            os.unlink(item)
     sys.stdout.flush()
     os._exit(0)  # SGLang's storage threads are daemons
 

@@ -129,6 +129,12 @@ class NixlKvExporter:
     def export(self, kv: Any, *, first_token: int, prompt_tokens: int, namespace: str) -> dict[str, Any]:
         """Register ``kv`` (canonical ``[L, 2, n, H, D]``) and describe it for the decode side."""
         kv = kv.contiguous()
+        if kv.is_cuda:
+            # The gather that produced ``kv`` (and .contiguous()) may still be queued: the remote
+            # READ is a DMA outside stream order, so the bytes must be final before they are published.
+            import torch
+
+            torch.cuda.current_stream(kv.device).synchronize()
         xfer_id = uuid.uuid4().hex
         with self._lock:
             reg = self.agent.register_memory(kv, backends=[self.backend])

@@ -533,7 +533,8 @@ class VuaWorker:
                 if self.importer is None:
                     raise HandoffError("no NIXL importer in this worker")
                 t0 = time.perf_counter()
-                kv = self.importer.fetch(kv_params)  # type: ignore[arg-type]
+                # Straight into the engine's device memory (VRAM on a GPU worker): no host bounce.
+                kv = self.importer.fetch(kv_params, device=str(self.engine.device))  # type: ignore[arg-type]
                 if not _dtype_kv_ok(self.engine, kv) or kv.shape[2] != len(tokens):
                     raise HandoffError(f"hand-off KV of shape {tuple(kv.shape)} does not fit a {len(tokens)}-token prompt")
                 first = int(kv_params["first_token"])  # type: ignore[index]

@@ -52,7 +52,7 @@ echo "torch==$torch_before" > "$cons"
 echo "[install-sglang] sglang==$SGLANG_VERSION (--no-deps)"
 "${PIP[@]}" install --no-deps "sglang==$SGLANG_VERSION"
 echo "[install-sglang] lean SGLang dependency set + vua-nixl core ($LOCK [common] + [$section])"
-"${PIP[@]}" install -r "$reqs" -c "$cons"
+"${PIP[@]}" install --no-warn-conflicts -r "$reqs" -c "$cons"  # sglang --no-deps: its full list is unmet on purpose
 echo "[install-sglang] vua-nixl (editable, --no-deps)"
 "${PIP[@]}" install --no-deps --no-build-isolation -e . 2>/dev/null || "${PIP[@]}" install --no-deps -e .
 torch_after=$("$VENV/bin/python" -W ignore -c "import torch; print(torch.__version__)")

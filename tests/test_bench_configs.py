@@ -94,9 +94,9 @@ def test_config_validation_rejects_what_nixlbench_ignores_or_rejects() -> None:
     with pytest.raises(ConfigError, match="unknown nixlbench flag"):
         NixlbenchConfig.from_dict({"gds_filepath": "/mnt/x"})
     with pytest.raises(ConfigError, match="expects a TOML int"):
-        NixlbenchConfig.from_dict({"max_block_size": "1MiB"})
+        NixlbenchConfig.from_dict({"max_block_size": 1.5})
     with pytest.raises(ConfigError, match="expects a TOML bool"):
-        NixlbenchConfig.from_dict({"storage_enable_direct": 1})
+        NixlbenchConfig.from_dict({"storage_enable_direct": 2})
     with pytest.raises(ConfigError, match="config_file"):
         NixlbenchConfig.from_dict({"config_file": "x.toml"})
     cfg = NixlbenchConfig.from_dict({"max_block_size": 64 << 20, "max_batch_size": 4, "total_buffer_size": 128 << 20})
@@ -134,3 +134,45 @@ def test_parse_size() -> None:
     assert parse_size(" 123 ") == 123
     with pytest.raises(ValueError):
         parse_size("12 parsecs")
+
+
+def test_checker_follows_nixlbench_type_rules() -> None:
+    """Measured against a real nixlbench: 1/0 are booleans, whole floats are integers, and a
+    string for a number silently becomes the default (a warning, and the default is what runs)."""
+    cfg = NixlbenchConfig.from_dict({"check_consistency": 1, "storage_enable_direct": 0, "max_block_size": 64.0 * 2**20,
+                                     "num_threads": 2.0})
+    assert cfg.explicit["check_consistency"] is True and cfg.explicit["storage_enable_direct"] is False
+    assert cfg.explicit["max_block_size"] == 64 << 20 and isinstance(cfg.explicit["max_block_size"], int)
+    assert cfg.explicit["num_threads"] == 2 and isinstance(cfg.explicit["num_threads"], int)
+    assert "--check_consistency=true" in cfg.command_line()
+    assert tomllib.loads(cfg.to_toml())["check_consistency"] is True
+    fallback = NixlbenchConfig.from_dict({"max_block_size": "1MiB", "num_iter": 7})
+    assert "max_block_size" not in fallback.explicit
+    assert fallback["max_block_size"] == NIXLBENCH_FLAGS["max_block_size"][1]
+    assert len(fallback.warnings) == 1 and "falls back to its default" in fallback.warnings[0]
+    assert check_value_type("check_consistency", 1) is None
+    assert check_value_type("num_iter", 10.0) is None
+    assert "falls back" in (check_value_type("num_iter", "10") or "")
+    assert "expects a TOML bool" in (check_value_type("check_consistency", "yes") or "") or \
+        "falls back" in (check_value_type("check_consistency", "yes") or "")
+
+
+@pytest.mark.parametrize("key, value, backend", [("gds_mt_num_threads", 4, "POSIX"), ("gds_batch_limit", 64, "POSIX"),
+                                                 ("posix_api_type", "URING", "GDS"), ("gds_mt_num_threads", 4, "GDS"),
+                                                 ("obj_bucket_name", "b", "POSIX")])
+def test_keys_of_another_backend_are_rejected(key, value, backend) -> None:
+    cfg = NixlbenchConfig.from_dict({"backend": backend, key: value})
+    assert any(key in e and "ignores it" in e for e in cfg.validate())
+
+
+def test_keys_of_the_same_backend_are_accepted() -> None:
+    for backend, key, value in (("POSIX", "posix_api_type", "URING"), ("GDS_MT", "gds_mt_num_threads", 8),
+                                ("GDS", "gds_batch_limit", 64)):
+        cfg = NixlbenchConfig.from_dict({"backend": backend, key: value})
+        assert not [e for e in cfg.validate() if "ignores it" in e]
+
+
+def test_shipped_posix_configs_carry_no_foreign_keys() -> None:
+    for path in CONFIGS:
+        cfg = NixlbenchConfig.from_toml(path)
+        assert not [e for e in cfg.validate() if "ignores it" in e], path.name

@@ -127,13 +127,18 @@ def test_cli_with_fake_nixlbench_writes_csv_json_png(tmp_path: Path, monkeypatch
                "--set", "max_batch_size=1", "--set", "max_block_size=64KiB"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "Store/Raw" in printed and "B/W (GB/Sec)" in printed
+    assert "store/raw" in printed and "store/nixlbench" in printed and "nixlbench/raw" in printed
+    assert "B/W (GB/Sec)" in printed
     for ext in (".csv", ".json", ".png"):
         assert prefix.with_suffix(ext).stat().st_size > 0
     payload = json.loads(prefix.with_suffix(".json").read_text())
     paths = [r["path"] for r in payload["rows"]]
-    assert paths.count("raw") == 1 and paths.count("store") == 1 and paths.count("nixlbench") == 2
+    # nixlbench runs per point (interleaved with raw and store): only that point's row is kept
+    assert paths.count("raw") == 1 and paths.count("store") == 1 and paths.count("nixlbench") == 1
+    store_row = next(r for r in payload["rows"] if r["path"] == "store")
+    assert store_row["ratio_nixlbench"] is not None
     args = (tmp_path / "nb_args").read_text()
+    assert "--start_block_size=65536" in args and "--max_batch_size=1" in args
     assert "--config_file=" in args and f"--filepath={data}" in args
     header = prefix.with_suffix(".csv").read_text().splitlines()[0]
     assert "bw_gbps" in header and "ratio" in header and "verified" in header
@@ -163,3 +168,81 @@ def test_store_rows_verify_with_more_requests_than_registration_cache(tmp_path: 
                warmup_iter=0, total_buffer_size=9 << 20)
     res = run_storage_bench(cfg, RunOptions(directory=tmp_path), raw=False, nixlbench=None)
     assert [r.verified for r in res.rows] == [True]
+
+
+def _fake_nixlbench(tmp_path: Path, body: str) -> Path:
+    fake = tmp_path / "bin" / "nixlbench"
+    fake.parent.mkdir(exist_ok=True)
+    (tmp_path / "nb.txt").write_text(NIXLBENCH_STDOUT)
+    fake.write_text("#!/bin/sh\n" + body)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return fake
+
+
+def _cli(tmp_path: Path, *extra: str) -> tuple[int, dict]:
+    from vua_nixl_bench.bench_cli import main
+
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(tiny(op_type="READ", posix_api_type="URING").to_toml())
+    prefix = tmp_path / "res" / "run"
+    rc = main(["bench", "storage", "--config", str(cfg_path), "--dir", str(tmp_path / "data"), "--out", str(prefix),
+               "--set", "max_batch_size=1", "--set", "max_block_size=64KiB", *extra])
+    payload = json.loads(prefix.with_suffix(".json").read_text()) if prefix.with_suffix(".json").exists() else {}
+    return rc, payload
+
+
+def test_failed_nixlbench_is_a_failed_command_and_keeps_its_full_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    long_line = "x" * 9000
+    fake = _fake_nixlbench(tmp_path, f"echo START-OF-OUTPUT\necho {long_line}\ncat {tmp_path}/nb.txt\n"
+                                     "echo 'Consistency check failed' >&2\nexit 1\n")
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    rc, payload = _cli(tmp_path)
+    assert rc == 1
+    (run,) = payload["meta"]["nixlbench_runs"]
+    assert run["returncode"] == 1
+    assert "START-OF-OUTPUT" in run["output"] and long_line in run["output"] and "Consistency check failed" in run["output"]
+    assert payload["meta"]["failures"]
+    nb = next(r for r in payload["rows"] if r["path"] == "nixlbench")
+    assert nb["verified"] is False
+
+
+def test_nixlbench_without_result_rows_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _fake_nixlbench(tmp_path, "echo 'nothing measured'\nexit 0\n")
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    rc, payload = _cli(tmp_path)
+    assert rc == 1 and "no result rows" in payload["meta"]["failures"][0]
+
+
+def test_stale_nixlbench_files_are_removed_before_each_run_and_runs_repeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "nixlbench_posix_test_file_0").write_bytes(b"stale from an earlier WRITE")
+    body = (f"for f in {data}/nixlbench_posix_test_file_*; do [ -e \"$f\" ] && echo stale >> {tmp_path}/stale; done\n"
+            f"echo run >> {tmp_path}/calls\n"
+            f"echo new > {data}/nixlbench_posix_test_file_0\n"  # what a real run leaves behind
+            f"cat {tmp_path}/nb.txt\n")
+    fake = _fake_nixlbench(tmp_path, body)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    rc, payload = _cli(tmp_path, "--repeat", "3")
+    assert rc == 0
+    assert not (tmp_path / "stale").exists()
+    assert (tmp_path / "calls").read_text().count("run") == 3  # once per repetition of the point
+    assert not list(data.glob("nixlbench_posix_test_file_*"))
+    assert len(payload["meta"]["nixlbench_runs"]) == 3
+
+
+@pytest.mark.skipif(not __import__("shutil").which("nixlbench"), reason="no nixlbench binary on PATH "
+                    "(scripts/build-nixlbench.sh builds one)")
+@pytest.mark.parametrize("name", ["posix_uring_write_buffered.toml", "posix_uring_read_buffered.toml"])
+def test_posix_configs_run_through_a_real_nixlbench(tmp_path: Path, name: str) -> None:
+    import shutil
+
+    from vua_nixl_bench.storage import run_nixlbench_binary
+
+    cfg = NixlbenchConfig.from_toml(Path(__file__).resolve().parents[1] / "nixlbench_configs" / name)
+    cfg.update({"total_buffer_size": 8 << 20, "max_block_size": 1 << 20, "start_block_size": 1 << 20,
+                "num_iter": 8, "warmup_iter": 2, "num_threads": 1, "max_batch_size": 1, "start_batch_size": 1})
+    run = run_nixlbench_binary(shutil.which("nixlbench") or "nixlbench", cfg, tmp_path, "POSIX")
+    assert run.returncode == 0, run.output
+    assert run.rows and all(r.bw_gbps > 0 for r in run.rows)
+    assert not list(tmp_path.glob("nixlbench_posix_test_file_*"))

@@ -178,4 +178,5 @@ def test_chaos_processes_kills_faults_and_a_byte_limit(tmp_path):
     # The root limit is checked and reserved under the root lock against a shared ledger, with
     # in-flight puts visible as temporaries (docs/LIFECYCLE.md): every worker here is guarded, so
     # the design bound is 0; one chunk of slack keeps this test from being a scheduler lottery.
-    assert rep.max_overshoot <= 6144, rep.max_overshoot
+    # at most one put of one chunk, counted as the file system allocates it (6 KiB -> 8 KiB)
+    assert rep.max_overshoot <= -(-6144 // 4096) * 4096, rep.max_overshoot

@@ -19,7 +19,6 @@ from vua_nixl.lifecycle.index import compact, read_ledger, root_lock
 from vua_nixl.lifecycle.pruner import scan_blocks, usage_by_namespace
 from vua_nixl.paths import namespace_id, odd_names, parse_tmp_name, pid_alive, this_host, writer_gone
 
-
 C = 16
 LAYOUT = KVLayout(num_layers=2, kv_heads=2, head_dim=8)
 NS = Namespace(model="identity/model", dtype="float32", layout=LAYOUT)

@@ -179,36 +179,55 @@ class NixlAgent:
         raise BackendUnavailableError(f"NIXL backend {backend} cannot start on this host ({reasons})")
 
     def _probe(self, agent: Any, backend: str, probe_dir: Path) -> None:
-        """A real write + read round trip through the candidate backend."""
+        """A real write + read round trip through the candidate backend, shaped like real work.
+
+        GDS candidates move VRAM *and* DRAM (puts from host memory go through them too), with
+        more descriptors than one cuFile batch holds (so request splitting is exercised), at
+        4 KiB-aligned offsets of a file opened with the store's flags (read-write, O_DIRECT)."""
         probe_dir.mkdir(parents=True, exist_ok=True)
-        path = probe_dir / f".probe.{self.name}.{backend}.{uuid.uuid4().hex[:6]}"
-        gpu = backend in ("GDS", "GDS_MT")
-        pattern = torch.randint(0, 255, (_PROBE_BYTES,), dtype=torch.uint8)
-        src = pattern.cuda() if gpu else _aligned_empty(_PROBE_BYTES)
-        if not gpu:
+        gpu = backend in GDS_BACKENDS
+        kinds = ("VRAM", "DRAM") if gpu else ("DRAM",)
+        ndesc = self.max_ios_per_request + 8 if gpu else 2
+        for mem in kinds:
+            self._probe_once(agent, backend, probe_dir, mem, ndesc)
+
+    def _probe_once(self, agent: Any, backend: str, probe_dir: Path, mem: str, ndesc: int) -> None:
+        path = probe_dir / f".probe.{self.name}.{backend}.{mem}.{uuid.uuid4().hex[:6]}"
+        size = ndesc * _PROBE_BYTES // 2  # 4 KiB per descriptor
+        piece = size // ndesc
+        pattern = torch.randint(0, 255, (size,), dtype=torch.uint8)
+        if mem == "VRAM":
+            src, dst = pattern.cuda(), torch.zeros(size, dtype=torch.uint8, device="cuda")
+        else:
+            src, dst = _aligned_empty(size), _aligned_empty(size)
             src.copy_(pattern)
-        dst = torch.zeros_like(src) if gpu else _aligned_empty(_PROBE_BYTES)
-        mem = "VRAM" if gpu else "DRAM"
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | (getattr(os, "O_DIRECT", 0) if (gpu or self.direct_io) else 0)
+            dst.zero_()
+        direct = backend in GDS_BACKENDS or self.direct_io
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | (getattr(os, "O_DIRECT", 0) if direct else 0)
         fd = os.open(path, flags, 0o600)
         try:
             dev = src.device.index or 0
-            regs = [agent.register_memory([(t.data_ptr(), _PROBE_BYTES, dev, "")], mem) for t in (src, dst)]
+            regs = [agent.register_memory([(t.data_ptr(), size, dev, "")], mem) for t in (src, dst)]
             freg = agent.register_memory([(0, 0, fd, "")], "FILE")
-            fdesc = agent.get_xfer_descs(np.array([[0, _PROBE_BYTES, fd]], dtype=np.uint64), "FILE")
+            fil = np.array([(i * piece, piece, fd) for i in range(ndesc)], dtype=np.uint64)
             for op, t in (("WRITE", src), ("READ", dst)):
-                mdesc = agent.get_xfer_descs(np.array([[t.data_ptr(), _PROBE_BYTES, dev]], dtype=np.uint64), mem)
-                handle = agent.initialize_xfer(op, mdesc, fdesc, agent.name)
-                try:
-                    state = agent.transfer(handle)
-                    while state == "PROC":
-                        state = agent.check_xfer_state(handle)
-                    if state != "DONE":
-                        raise TransferError(f"probe {op} ended in state {state}")
-                finally:
-                    agent.release_xfer_handle(handle)
+                rows = np.array([(t.data_ptr() + i * piece, piece, dev) for i in range(ndesc)], dtype=np.uint64)
+                spans = plan_requests(fil, self.max_ios_per_request, self.split_bytes) if backend in GDS_BACKENDS else [(0, ndesc)]
+                for lo, hi in spans:
+                    mdesc = agent.get_xfer_descs(rows[lo:hi], mem)
+                    fdesc = agent.get_xfer_descs(fil[lo:hi], "FILE")
+                    handle = agent.initialize_xfer(op, mdesc, fdesc, agent.name)
+                    try:
+                        state = agent.transfer(handle)
+                        deadline = time.monotonic() + 30
+                        while state == "PROC" and time.monotonic() < deadline:
+                            state = agent.check_xfer_state(handle)
+                        if state != "DONE":
+                            raise TransferError(f"probe {op} of {mem} ended in state {state}")
+                    finally:
+                        agent.release_xfer_handle(handle)
             if not torch.equal(src.cpu(), dst.cpu()):
-                raise TransferError("probe read back different bytes than it wrote")
+                raise TransferError(f"probe read back different bytes than it wrote ({mem})")
             agent.deregister_memory(freg)
             for r in regs:
                 agent.deregister_memory(r)

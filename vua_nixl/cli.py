@@ -15,7 +15,7 @@ import sys
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
-from vua_nixl import store_cli
+from vua_nixl import doctor, store_cli
 from vua_nixl.errors import VuaNixlError
 from vua_nixl.lifecycle import prune_cli
 
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     store_cli.register(sub)
     prune_cli.register(sub)
+    doctor.register(sub)
     for extra, register in _plugins():
         before = set(sub.choices)
         register(sub)

@@ -93,7 +93,10 @@ def lock_mode(fstype: str, options: str) -> tuple[str, Optional[str]]:
 
 
 def caching_warning(fstype: str, options: str) -> Optional[str]:
-    opts = dict(o.split("=", 1) if "=" in o else (o, "") for o in options.split(","))
+    opts: dict[str, str] = {}
+    for o in options.split(","):
+        name, _, value = o.partition("=")
+        opts[name] = value
     if fstype.startswith("nfs"):
         if "noac" in opts or opts.get("actimeo") == "0":
             return None

@@ -127,6 +127,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     paths.check_readable()
     if args.remove:
         writable_root(cfg, "verify --remove")
+    if cfg.backend == "auto":  # verify reads into host memory: no GDS probe, no CUDA context
+        cfg = cfg.model_copy(update={"backend": "POSIX"})
     agent = make_agent(cfg, paths.tmp if paths.tmp.is_dir() else paths.root)
     try:
         checked, bad = verify(cfg.root, agent=agent, remove=args.remove)

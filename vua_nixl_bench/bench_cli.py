@@ -44,7 +44,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
     b = sub.add_parser("bench", help="benchmarks (see `vua-nixl bench storage -h`)")
     bsub = b.add_subparsers(dest="bench_command", metavar="BENCH")
-    b.set_defaults(func=lambda args: (b.print_help(), 2)[1])
+    b.set_defaults(func=lambda args: b.print_help() or 2)  # type: ignore[func-returns-value]
     s = bsub.add_parser(
         "storage",
         help="run a nixlbench config through raw NIXL, the vua_nixl store, and nixlbench if on PATH",
@@ -224,9 +224,13 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
         big = [r for r in result.rows if r.path == "store" and r.block_size >= 4 << 20 and r.ratio is not None]
         if big:
             worst = min(big, key=lambda r: r.ratio or 0)
-            console.print(f"store/raw at >= 4 MiB blocks: min {worst.ratio:.3f} "
+            console.print(f"store/raw (store bandwidth / raw NIXL at the same point) at >= 4 MiB blocks: min {worst.ratio:.3f} "
                           f"(block {format_bytes(worst.block_size)}, batch {worst.batch_size}); target >= 0.9")
         console.print("wrote " + ", ".join(outputs.values()))
+    if result.failures:
+        err.print("[red]nixlbench FAILED[/red]: " + "; ".join(result.failures)
+                  + f" (full output in {outputs.get('json', 'the JSON result')})")
+        return 1
     if not result.all_verified:
         err.print("[red]byte verification FAILED[/red] for: " + ", ".join(
             f"{r.path} {r.block_size}x{r.batch_size} ({r.verify_detail})" for r in result.rows if r.verified is False))

@@ -28,7 +28,8 @@ from .flags import (
     LARGE_BLOCK_SIZE,
     NIXLBENCH_FLAGS,
     STORAGE_BACKENDS,
-    check_value_type,
+    backend_of_key,
+    check_value,
     flag_default,
 )
 
@@ -75,6 +76,8 @@ class NixlbenchConfig:
     explicit: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
     comment: str = ""
+    #: values nixlbench would not use as written (it falls back to its default for them)
+    warnings: list[str] = field(default_factory=list)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -106,11 +109,16 @@ class NixlbenchConfig:
                 )
                 problems.append(why)
                 continue
-            bad = check_value_type(key, value)
+            used, bad, warn = check_value(key, value)
             if bad:
                 problems.append(bad)
                 continue
-            self.explicit[key] = value
+            if warn:  # nixlbench runs with its default: so do we, and say so
+                self.warnings.append(warn)
+                log.warning("nixlbench config%s: %s", f" {self.source}" if self.source else "", warn)
+                self.explicit.pop(key, None)
+                continue
+            self.explicit[key] = used
         if problems:
             where = f" in {self.source}" if self.source else ""
             raise ConfigError(f"invalid nixlbench config{where}: " + "; ".join(problems))
@@ -187,6 +195,11 @@ class NixlbenchConfig:
     def validate(self) -> list[str]:
         """Return nixlbench's own rejections for this config (empty list = it would run)."""
         errs = []
+        for key in self.explicit:
+            owners = backend_of_key(key)
+            if owners and self.backend not in owners:
+                errs.append(f"{key} applies to {'/'.join(owners)} only; nixlbench ignores it under backend "
+                            f"{self.backend}")
         if self.op not in ("READ", "WRITE"):
             errs.append(f"op_type must be READ or WRITE, got {self['op_type']!r}")
         if self.backend == "POSIX" and self["posix_api_type"] not in ("AIO", "URING", "POSIXAIO"):

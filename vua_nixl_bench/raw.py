@@ -279,7 +279,7 @@ class RawNixlBench:
             off = 0
             while off < span:
                 n = min(len(chunk), span - off)
-                os.pwrite(fd, memoryview(chunk)[:n], off)
+                os.pwrite(fd, memoryview(chunk)[:n], off)  # type: ignore[arg-type]
                 off += n
             os.fsync(fd)
             if self.opts.drop_cache:

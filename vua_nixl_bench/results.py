@@ -65,6 +65,7 @@ class BenchRow:
     verify_detail: str = ""
     ratio: Optional[float] = None     # store rows: bw / raw bw at the same point
     ratio_newfile: Optional[float] = None  # store rows of WRITE runs: bw / raw-newfile bw
+    ratio_nixlbench: Optional[float] = None  # store rows: bw / nixlbench bw at the same point
     note: str = ""
 
     def flat(self) -> dict[str, Any]:
@@ -94,6 +95,7 @@ def attach_ratios(rows: list[BenchRow]) -> None:
     """Set ``ratio`` on store (and nixlbench) rows against the raw row at the same point."""
     raw = {(r.block_size, r.batch_size): r for r in rows if r.path == "raw"}
     newfile = {(r.block_size, r.batch_size): r for r in rows if r.path == "raw-newfile"}
+    nixl = {(r.block_size, r.batch_size): r for r in rows if r.path == "nixlbench"}
     for r in rows:
         if r.path == "raw":
             r.ratio = 1.0
@@ -104,6 +106,9 @@ def attach_ratios(rows: list[BenchRow]) -> None:
         base = raw.get((r.block_size, r.batch_size))
         if base and base.bw_gbps > 0:
             r.ratio = r.bw_gbps / base.bw_gbps
+        nb = nixl.get((r.block_size, r.batch_size))
+        if r.path == "store" and nb and nb.bw_gbps > 0:
+            r.ratio_nixlbench = r.bw_gbps / nb.bw_gbps
 
 
 def parse_nixlbench_output(text: str) -> list[dict[str, float]]:
@@ -185,13 +190,25 @@ def render_table(rows: Sequence[BenchRow], title: str = "") -> Any:
     table.add_column("Path")
     for c in NIXLBENCH_COLUMNS:
         table.add_column(c, justify="right")
-    table.add_column("Store/Raw", justify="right")
+    for c in RATIO_COLUMNS:
+        table.add_column(c, justify="right")
     table.add_column("Verified")
     for r in rows:
-        ratio = "" if r.ratio is None or r.path == "raw" else f"{r.ratio:.3f}"
         ver = {None: "-", True: "ok", False: "FAIL"}[r.verified]
-        table.add_row(r.path, *r.nixlbench_cells(), ratio, ver)
+        table.add_row(r.path, *r.nixlbench_cells(), *ratio_cells(r), ver)
     return table
+
+
+#: what each ratio column divides: which row it is printed on / its baseline.
+RATIO_COLUMNS = ("store/raw", "store/nixlbench", "nixlbench/raw")
+
+
+def ratio_cells(r: BenchRow) -> list[str]:
+    """The three ratio cells of a row (empty where the ratio does not apply to its path)."""
+    def f(v: Optional[float]) -> str:
+        return "" if v is None else f"{v:.3f}"
+    return [f(r.ratio) if r.path == "store" else "", f(r.ratio_nixlbench) if r.path == "store" else "",
+            f(r.ratio) if r.path == "nixlbench" else ""]
 
 
 def row_from_nixlbench(d: dict[str, float], op: str, backend: str, direct: bool) -> BenchRow:
@@ -206,6 +223,6 @@ def row_from_nixlbench(d: dict[str, float], op: str, backend: str, direct: bool)
 
 
 __all__ = [
-    "BenchRow", "LatencyStats", "NIXLBENCH_COLUMNS", "attach_ratios", "parse_nixlbench_output",
+    "BenchRow", "LatencyStats", "NIXLBENCH_COLUMNS", "RATIO_COLUMNS", "attach_ratios", "ratio_cells", "parse_nixlbench_output",
     "render_table", "row_from_nixlbench", "write_chart", "write_csv", "write_json",
 ]

@@ -3,7 +3,9 @@
 For every (block, batch) point of the config the raw NIXL run and the store run are measured
 back to back (interleaved, so a noisy shared disk drifts the same way for both and the ratio is
 taken "in the same run"); a ``nixlbench`` binary on PATH is then run on the same file with the
-same settings and its printed rows are added. Results go to CSV, JSON and a PNG chart.
+same settings, for the same point, in the same round-robin (``--repeat`` times), and its rows are
+added. A nixlbench run that fails is a failure of the whole command. Results go to CSV, JSON
+(with every nixlbench run's full output) and a PNG chart.
 """
 
 from __future__ import annotations
@@ -41,10 +43,16 @@ class StorageBenchResult:
     rows: list[BenchRow]
     meta: dict[str, Any]
     outputs: dict[str, str] = field(default_factory=dict)
+    #: runs that failed outright (a nixlbench exit status other than 0, no result rows)
+    failures: list[str] = field(default_factory=list)
 
     @property
     def all_verified(self) -> bool:
         return all(r.verified is not False for r in self.rows)
+
+    @property
+    def ok(self) -> bool:
+        return self.all_verified and not self.failures
 
 
 def default_max_memory() -> int:
@@ -73,12 +81,38 @@ def resolve_directory(cfg: NixlbenchConfig, directory: Optional[str]) -> Path:
     return Path(tempfile.mkdtemp(prefix="vua-bench-", dir=os.environ.get("TMPDIR", "/tmp")))
 
 
-def run_nixlbench_binary(binary: str, cfg: NixlbenchConfig, directory: Path, backend: str,
-                         timeout_s: float = 3600.0) -> tuple[list[BenchRow], str]:
-    """Run a real nixlbench on the same config and directory; return its rows and raw output.
+def remove_nixlbench_files(directory: Path, backend: str) -> list[Path]:
+    """Delete nixlbench test files in ``directory`` (a WRITE leaves one that fails the next READ's
+    consistency check); return what was removed."""
+    gone = []
+    for p in directory.glob(f"nixlbench_{backend.lower()}_test_file_*"):
+        p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
 
-    The config is passed as ``--config_file`` with ``--filepath`` (and a fallen-back backend)
-    as command-line overrides, which take precedence in nixlbench exactly as documented.
+
+@dataclass
+class NixlbenchRun:
+    """One nixlbench invocation: its rows, exit status and complete output."""
+
+    rows: list[BenchRow]
+    returncode: int
+    output: str
+    command: str
+
+    @property
+    def failed(self) -> bool:
+        return self.returncode != 0 or not self.rows
+
+
+def run_nixlbench_binary(binary: str, cfg: NixlbenchConfig, directory: Path, backend: str,
+                         timeout_s: float = 3600.0, point: Optional[tuple[int, int]] = None) -> NixlbenchRun:
+    """Run a real nixlbench on the same config and directory (one (block, batch) ``point`` of it,
+    or its whole matrix); return its rows, exit status and full output.
+
+    The config is passed as ``--config_file`` with ``--filepath`` (and a fallen-back backend,
+    and the point) as command-line overrides, which take precedence in nixlbench exactly as
+    documented. Stale test files are removed before and after the run.
     """
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(cfg.to_toml())
@@ -86,22 +120,36 @@ def run_nixlbench_binary(binary: str, cfg: NixlbenchConfig, directory: Path, bac
     overrides: dict[str, Any] = {"filepath": str(directory)}
     if backend != cfg.backend:
         overrides["backend"] = backend
+    if point is not None:
+        block, batch = point
+        overrides.update(start_block_size=block, max_block_size=block, start_batch_size=batch, max_batch_size=batch)
     cmd = cfg.command_line(binary, config_file=toml_path, overrides=overrides).split()
     log.info("running %s", " ".join(cmd))
+    stale = remove_nixlbench_files(directory, backend)
+    if stale:
+        log.info("removed %d stale nixlbench test file(s) before the run", len(stale))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        rc, stdout, out = proc.returncode, proc.stdout, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, stdout = 124, ""
+        parts = [p.decode(errors="replace") if isinstance(p, bytes) else (p or "") for p in (exc.stdout, exc.stderr)]
+        out = "".join(parts) + f"\nnixlbench timed out after {timeout_s:g} s"
     finally:
         os.unlink(toml_path)
-        for p in directory.glob(f"nixlbench_{backend.lower()}_test_file_*"):
-            p.unlink(missing_ok=True)  # a WRITE file left behind fails the next READ's check
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        log.error("nixlbench exited with %d; last output:\n%s", proc.returncode, out[-2000:])
-    rows = [row_from_nixlbench(d, cfg.op, backend, cfg.direct) for d in parse_nixlbench_output(proc.stdout)]
+        remove_nixlbench_files(directory, backend)
+    rows = [row_from_nixlbench(d, cfg.op, backend, cfg.direct) for d in parse_nixlbench_output(stdout)]
+    if rc != 0:
+        log.error("nixlbench exited with %d; output:\n%s", rc, out)
+    elif not rows:
+        log.error("nixlbench printed no result rows; output:\n%s", out)
     for r in rows:
         r.threads = cfg.num_threads
-        r.verified = None if not cfg["check_consistency"] else proc.returncode == 0
-    return rows, out
+        r.verified = None if not cfg["check_consistency"] else rc == 0
+        if rc != 0:
+            r.verified = False
+            r.verify_detail = f"nixlbench exit status {rc}"
+    return NixlbenchRun(rows, rc, out, " ".join(cmd))
 
 
 def run_storage_bench(
@@ -137,18 +185,38 @@ def run_storage_bench(
         cfg.update({"posix_api_type": opts.fallback_posix_api})
         opts.notes.append(f"FALLBACK: {cfg.backend} unavailable; store runs POSIX/{opts.fallback_posix_api}")
     storeb = StoreBench(cfg, opts, backend, layout_mode, chunk_tokens, verify_checksums) if store else None
+    binary: Optional[str] = None
+    if nixlbench:
+        binary = shutil.which("nixlbench") if nixlbench == "auto" else (shutil.which(nixlbench) or nixlbench)
+        if nixlbench != "auto" and not (binary and Path(binary).exists()):
+            raise FileNotFoundError(f"nixlbench binary {nixlbench} not found")
+        if not binary:
+            log.info("no nixlbench binary on PATH: raw and store rows only")
+    nb_runs: list[NixlbenchRun] = []
+    failures: list[str] = []
     try:
         k = 0
         for block, batch in cfg.matrix():
-            runs: dict[str, list[BenchRow]] = {"raw": [], "raw-newfile": [], "store": []}
+            runs: dict[str, list[BenchRow]] = {"raw": [], "raw-newfile": [], "store": [], "nixlbench": []}
             for rep in range(repeat):
                 order: list[tuple[str, Any]] = [("raw", rawb), ("store", storeb)]
                 if raw_new_files and rawb and cfg.op == "WRITE":
                     order.insert(1, ("raw-newfile", rawb))
+                if binary:
+                    order.append(("nixlbench", binary))
                 if rep % 2:
                     order.reverse()
                 for name, bench in order:
                     if bench is None:
+                        continue
+                    if name == "nixlbench":
+                        nb = run_nixlbench_binary(bench, cfg, opts.directory, backend, point=(block, batch))
+                        nb_runs.append(nb)
+                        if nb.failed:
+                            failures.append(f"nixlbench block={format_bytes(block)} batch={batch}: "
+                                            f"exit status {nb.returncode}" + ("" if nb.rows else ", no result rows"))
+                        mine = [r for r in nb.rows if (r.block_size, r.batch_size) == (block, batch)]
+                        runs[name].extend(mine[:1])
                         continue
                     if name == "raw-newfile":
                         row = bench.run_point_new_files(block, batch, k)
@@ -158,7 +226,7 @@ def run_storage_bench(
                     runs[name].append(row)
                     log.info("%-5s block=%s batch=%d: %.3f GB/s verified=%s", name, format_bytes(block), batch,
                              row.bw_gbps, row.verified)
-            for name in ("raw", "raw-newfile", "store"):
+            for name in ("raw", "raw-newfile", "store", "nixlbench"):
                 if runs[name]:
                     rows.append(_median_row(runs[name]))
     finally:
@@ -166,16 +234,6 @@ def run_storage_bench(
             rawb.close()
         if storeb:
             storeb.close()
-    nb_output = ""
-    if nixlbench:
-        binary = shutil.which("nixlbench") if nixlbench == "auto" else nixlbench
-        if binary:
-            nb_rows, nb_output = run_nixlbench_binary(binary, cfg, opts.directory, backend)
-            rows.extend(nb_rows)
-        elif nixlbench != "auto":
-            raise FileNotFoundError(f"nixlbench binary {nixlbench} not found")
-        else:
-            log.info("no nixlbench binary on PATH: raw and store rows only")
     attach_ratios(rows)
     rows.sort(key=lambda r: (r.block_size, r.batch_size, {"raw": 0, "raw-newfile": 1, "store": 2, "nixlbench": 3}.get(r.path, 3)))
     meta = {
@@ -195,9 +253,11 @@ def run_storage_bench(
         "cpus": os.cpu_count(),
         "nixl_version": _nixl_version(),
         "flags_source": FLAGS_SOURCE,
-        "nixlbench_output_tail": nb_output[-4000:] if nb_output else None,
+        "nixlbench_binary": binary,
+        "nixlbench_runs": [{"command": r.command, "returncode": r.returncode, "output": r.output} for r in nb_runs],
+        "failures": failures,
     }
-    return StorageBenchResult(rows, meta)
+    return StorageBenchResult(rows, meta, failures=failures)
 
 
 def _median_row(rows: list[BenchRow]) -> BenchRow:
@@ -244,4 +304,4 @@ def _nixl_version() -> str:
 
 
 __all__ = ["BackendUnavailable", "StorageBenchResult", "run_storage_bench", "write_outputs",
-           "default_max_memory", "resolve_directory", "run_nixlbench_binary"]
+           "default_max_memory", "resolve_directory", "run_nixlbench_binary", "remove_nixlbench_files", "NixlbenchRun"]

@@ -65,8 +65,9 @@ class VuaNixlHiCacheStorage(HiCacheStorage):
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
-        geo = geometry(mem_pool_host)
-        from vua_nixl.dtypes import dtype_name
+        from vua_nixl.dtypes import dtype_name, torch_dtype
+
+        geo = geometry(mem_pool_host, torch_dtype(self.settings.kv_dtype) if self.settings.kv_dtype else None)
 
         ns = namespace_for(self.settings, self.storage_config, geo, dtype_name(geo.kv_buffer.dtype))
         with self._lock:

@@ -28,7 +28,7 @@ layouts share each other's pages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -77,8 +77,11 @@ def store_dtype(host: Any) -> torch.dtype:
     return dt
 
 
-def geometry(host: Any) -> PageGeometry:
-    """Describe ``host`` (an SGLang MHA or MLA host pool) or raise ValueError naming why not."""
+def geometry(host: Any, dtype: Optional[torch.dtype] = None) -> PageGeometry:
+    """Describe ``host`` (an SGLang MHA or MLA host pool) or raise ValueError naming why not.
+
+    ``dtype`` names the KV dtype when the pool cannot (SGLang 0.5.23 host pools keep fp8 KV in
+    uint8 tensors and no longer reference the device pool); it must have the same item size."""
     buf = getattr(host, "kv_buffer", None)
     if not isinstance(buf, torch.Tensor):
         raise ValueError(
@@ -89,7 +92,9 @@ def geometry(host: Any) -> PageGeometry:
     P = int(host.page_size)
     L = int(host.layer_num)
     mla = hasattr(host, "kv_cache_dim")
-    dt = store_dtype(host)
+    dt = dtype or store_dtype(host)
+    if dt.itemsize != buf.dtype.itemsize:
+        raise ValueError(f"kv_dtype {dt} does not match the host pool's {buf.dtype} (item size)")
     if dt != buf.dtype:
         buf = buf.view(dt)
     if mla:

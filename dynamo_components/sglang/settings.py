@@ -39,6 +39,7 @@ BACKEND_KEYS = {
     "tenant": "tenant salt: engines of different tenants never share KV",
     "create_root": "create store_root if missing (default false: a missing mount is an error)",
     "bounce_mib": "bounce buffer per direction for page_first/page_head host layouts (default 64)",
+    "kv_dtype": "KV dtype name when fp8 KV sits in uint8 tensors and the host pool does not say which (e.g. fp8_e4m3)",
 }
 
 
@@ -51,6 +52,7 @@ class BackendSettings:
     tenant: Optional[str]
     create_root: bool
     bounce_mib: int
+    kv_dtype: Optional[str] = None
     store_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,6 +78,7 @@ def settings_from(extra: Optional[dict]) -> BackendSettings:
         tenant=extra.get("tenant"),
         create_root=bool(extra.get("create_root", False)),
         bounce_mib=int(extra.get("bounce_mib", 64)),
+        kv_dtype=extra.get("kv_dtype"),
         store_overrides={k: v for k, v in extra.items() if k in store_fields},
     )
 

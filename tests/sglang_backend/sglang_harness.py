@@ -13,6 +13,7 @@ host pages for a storage hit and hand the operation to the I/O thread.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import inspect
 import json
@@ -46,6 +47,14 @@ DEVICE_TOKENS = 256
 TIMEOUT_S = 30.0
 
 _parallel_ctx: Any = None
+_RENDEZVOUS: list[str] = []
+
+
+def cleanup() -> None:
+    """Remove the gloo rendezvous file (also called before os._exit in the child process)."""
+    for path in _RENDEZVOUS:
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def init_sglang(tp_rank: int = 0, tp_size: int = 1) -> None:
@@ -54,6 +63,8 @@ def init_sglang(tp_rank: int = 0, tp_size: int = 1) -> None:
     if not dist.is_initialized():
         rendezvous = tempfile.mktemp(prefix="sglang-gloo-")
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
+        _RENDEZVOUS.append(rendezvous)
+        atexit.register(cleanup)
     from sglang.srt.runtime_context import get_parallel
 
     if _parallel_ctx is not None:
@@ -96,7 +107,7 @@ class Rig:
 
 
 def make_rig(root: Optional[str], *, mla: bool = False, layout: str = "layer_first", storage: str = "dynamic",
-             extra: Optional[dict] = None, model: str = "test/tiny-model") -> Rig:
+             extra: Optional[dict] = None, model: str = "test/tiny-model", dtype: torch.dtype = torch.bfloat16) -> Rig:
     """Real device pool + host pool + HiCacheController with a storage backend attached."""
     from sglang.srt.managers.cache_controller import HiCacheController
     from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
@@ -110,7 +121,7 @@ def make_rig(root: Optional[str], *, mla: bool = False, layout: str = "layer_fir
     else:
         from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost as HostCls
 
-        device = MHATokenToKVPool(size=DEVICE_TOKENS, page_size=PAGE, dtype=torch.bfloat16, head_num=HEADS,
+        device = MHATokenToKVPool(size=DEVICE_TOKENS, page_size=PAGE, dtype=dtype, head_num=HEADS,
                                   head_dim=HEAD_DIM, layer_num=LAYERS, device="cpu", enable_memory_saver=False)
     host = make_host_pool(HostCls, device, layout, mla)
     alloc = PagedTokenToKVPoolAllocator(DEVICE_TOKENS, PAGE, torch.bfloat16, "cpu", device, need_sort=False)
@@ -286,4 +297,5 @@ if __name__ == "__main__":
     results = run_reads(json.loads(Path(sys.argv[2]).read_text()))
     print("RESULT " + json.dumps(results))
     sys.stdout.flush()
+    cleanup()
     os._exit(0)  # SGLang's storage threads are daemons; skip slow interpreter teardown

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import sglang_harness as h
 import numpy as np
 import pytest
+import sglang_harness as h
 import torch
 
 from dynamo_components.sglang.pagekeys import PSEUDO_TOKEN_FLAG, page_tokens
@@ -169,6 +169,25 @@ def test_mla_pages_are_shared_by_tp_ranks_and_written_once(store_root, rigs):
     assert torch.equal(_bits(got), _bits(kv))
     rank0.close()
     rank1.close()
+
+
+def test_fp8_kv_is_named_fp8_and_round_trips_bit_exact(store_root, rigs):
+    """SGLang keeps fp8 KV in uint8 tensors; the store namespace must still say float8_e4m3fn."""
+    rig = rigs(None, storage="file", extra={}, dtype=torch.float8_e4m3fn)
+    assert rig.host.kv_buffer.dtype == torch.uint8
+    idx = rig.host.alloc(2 * h.PAGE)
+    g = torch.Generator().manual_seed(12)
+    rig.host.kv_buffer.copy_(torch.randint(0, 256, rig.host.kv_buffer.shape, generator=g, dtype=torch.uint8))
+    want = [rig.host.get_data_page(int(idx[p * h.PAGE]), flat=True).clone() for p in range(2)]
+    keys = h.page_hashes(h.token_ids(12, 2 * h.PAGE))
+    writer = _backend(store_root, rig.host, kv_dtype="fp8_e4m3")
+    assert writer.store.namespace.dtype == "float8_e4m3fn"
+    assert writer.batch_set_v1(keys, idx) == [True, True]
+    out = rig.host.alloc(2 * h.PAGE)
+    assert writer.batch_get_v1(keys, out) == [True, True]
+    for p in range(2):
+        assert torch.equal(rig.host.get_data_page(int(out[p * h.PAGE]), flat=True), want[p])
+    writer.close()
 
 
 # ---- data path --------------------------------------------------------------------------------

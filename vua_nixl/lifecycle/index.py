@@ -142,7 +142,7 @@ def read_ledger(lock: RootLock) -> Optional[int]:
     vals = [led.get(k) for k in ("bytes", "scan", "since")]
     if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < (1 << 62) for v in vals):
         return None
-    nbytes, scan, since = vals
+    nbytes, scan, since = (int(v) for v in vals)  # type: ignore[arg-type]
     if nbytes != scan + since:
         return None
     return nbytes

@@ -275,7 +275,7 @@ class Lease:
                 k += 1  # someone else created k+1 first: look at theirs
                 delay = self.poll_s
                 continue
-            if now > deadline:
+            if now >= deadline:
                 raise LeaseError(f"lease {self.path(k)} held by {rec.host if rec else '?'}/{rec.pid if rec else '?'} "
                                  f"for more than {self.wait_s} s")
             self.waits += 1
@@ -283,9 +283,17 @@ class Lease:
             delay = min(delay * 2, self.max_poll_s)
 
     def _create(self, epoch: int, ledger: Optional[dict[str, Any]]) -> Optional[LeaseHandle]:
+        path = self.path(epoch)
         try:
-            fd = os.open(self.path(epoch), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self.file_mode)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self.file_mode)
         except FileExistsError:
+            self._known = max(self._known, epoch)
+            return None
+        except PermissionError:
+            # sshfs (SFTP) reports "exists" for an O_EXCL create as a generic failure (EPERM)
+            # when its client had not seen the file yet: it lost the race all the same.
+            if not os.path.lexists(path):
+                raise
             self._known = max(self._known, epoch)
             return None
         h = LeaseHandle(self, epoch, secrets.token_hex(8), fd, ledger, self.clock())

@@ -100,7 +100,7 @@ class SshfsClients:
                 break
             except OSError:
                 if self._sshd.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"sshd did not start: {(b / 'sshd.log').read_text(errors='replace')[-500:]}")
+                    raise RuntimeError(f"sshd did not start: {(b / 'sshd.log').read_text(errors='replace')[-500:]}") from None
                 time.sleep(0.05)
         for m in self.mounts:
             r = subprocess.run(["sshfs", "-p", str(port), "-o", f"IdentityFile={b / 'userkey'},{SSHFS_OPTS}",
