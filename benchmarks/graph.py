@@ -9,6 +9,18 @@ Workload (the same prompts for both configurations):
   being the previous prompt + the model's answer + a new question (turns after the first are
   *repeat* requests too).
 
+Prompts are *not* chunk multiples: documents are text (their token counts fall anywhere in a
+256-token chunk) and every prompt ends with a question; the summary lists each repeat's
+``prompt_tokens % chunk``. Repeat TTFT is reported separately for the document questions and
+for the chat turns: each turn is timed with ``--max-tokens`` (1) like every request, then the
+same prompt is sent once more, untimed, for a ``--reply-tokens`` reply; the next turn is the
+previous prompt + that reply's text + a new question.
+
+Then, on the store graph, throughput: ``--concurrency`` levels (default 1, 4, 8), each sending that
+many requests at once (distinct ~``--tput-prompt-tokens``-token prompts, ``--tput-tokens``
+generated tokens each, ``ignore_eos``); tokens/s = completion tokens / wall time of the level.
+The decode worker batches concurrent sequences (``--max-batch``, one forward per step).
+
 Each configuration runs its own graph: the stock frontend (``--router-mode kv``), 2 prefill
 workers and 1 decode worker. Both graphs run side by side and every request is sent to each in
 turn (same background load). Requests are sent one at a time with ``stream: true``; TTFT is the
@@ -67,11 +79,12 @@ def question(seed: int) -> str:
     return "\n\nQuestion: " + sentence(random.Random(10_000 + seed)) + "\nAnswer:"
 
 
-def stream_completion(url: str, model: str, prompt: str, max_tokens: int, timeout: float = 600) -> dict[str, Any]:
+def stream_completion(url: str, model: str, prompt: str, max_tokens: int, timeout: float = 600,
+                      **extra: Any) -> dict[str, Any]:
     """POST a streaming completion; return ttft, total time, text and usage."""
     body = {
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": {"include_usage": True}, **extra,
     }
     req = urllib.request.Request(
         f"{url}/completions", data=json.dumps(body).encode(), headers={"content-type": "application/json"}
@@ -120,7 +133,7 @@ def start_graph(args: argparse.Namespace, name: str, use_store: bool, base: Path
         model=args.model, work_dir=str(base / name), prefill=2, decode=1, no_store=not use_store, http_port=0,
         chunk_tokens=args.chunk_tokens, block_size=16, handoff=args.handoff if use_store else "nixl",
         max_num_seqs=2, kv_cache_tokens=args.kv_cache_tokens, threads_per_worker=args.threads,
-        hot_cache_mb=args.hot_cache_mb, namespace=f"bench{name.replace('-', '')}",
+        hot_cache_mb=args.hot_cache_mb, namespace=f"bench{name.replace('-', '')}", max_batch=args.max_batch,
     )
     graph = Graph(spec)
     t0 = time.perf_counter()
@@ -158,6 +171,10 @@ def run_interleaved(args: argparse.Namespace, configs: list[tuple[str, bool]], w
                 out[name]["rows"].append(row)
                 log.info("[%s] %s ttft %.3f s (total %.3f s) prompt %d cached %d", name, kind, row["ttft_s"],
                          row["total_s"], row["prompt_tokens"], row["cached_tokens"])
+                if source == "turn" and args.reply_tokens > 0:
+                    # the assistant's reply (untimed; the timed request above measured TTFT with
+                    # --max-tokens): the decode worker saves prompt + reply KV when it ends
+                    r = stream_completion(g.url, g.model_name, prompt_for[name], args.reply_tokens)
                 if source == "turn":
                     prompt_for[name] = prompt_for[name] + (r["text"] or ANSWER)
 
@@ -174,10 +191,52 @@ def run_interleaved(args: argparse.Namespace, configs: list[tuple[str, bool]], w
             res = out[name]
             res["prefill_tokens_computed"] = prefill_computed(g) - res.pop("computed0")
             res["prompt_tokens"] = sum(r["prompt_tokens"] for r in res["rows"])
+        if args.concurrency and "store" in graphs:
+            for name, g in list(graphs.items()):
+                if name != "store":  # leave the store graph alone on the cores
+                    g.stop()
+                    graphs.pop(name)
+            out["store"]["throughput"] = throughput(args, graphs["store"])
     finally:
         for g in graphs.values():
             g.stop()
     return [out[n] for n, _ in configs if n in out]
+
+
+def throughput(args: argparse.Namespace, g: Graph) -> list[dict[str, Any]]:
+    """Tokens/s with 1, 4, 8... concurrent requests on one graph (distinct prompts)."""
+    import concurrent.futures
+
+    from vua_nixl_engine.text import sentence
+
+    rows = []
+    seed = 0
+    for c in args.concurrency:
+        prompts = []
+        for _ in range(c):
+            seed += 1
+            rng = random.Random(70_000 + seed)
+            prompts.append(" ".join(sentence(rng) for _ in range(max(1, args.tput_prompt_tokens // 24))))
+        before = g.worker_stats("decode-0")
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(c) as pool:
+            res = list(pool.map(lambda p: stream_completion(
+                g.url, g.model_name, p, args.tput_tokens, min_tokens=args.tput_tokens, ignore_eos=True), prompts))
+        wall = time.perf_counter() - t0
+        time.sleep(0.5)
+        after = g.worker_stats("decode-0")
+        toks = sum(int(r["usage"].get("completion_tokens") or 0) for r in res)
+        row = {
+            "concurrency": c, "requests": c, "completion_tokens": toks, "wall_s": wall, "tokens_per_s": toks / wall,
+            "mean_latency_s": sum(r["total_s"] for r in res) / c, "ttft_p50_s": pct([r["ttft_s"] for r in res], 0.5),
+            "prompt_tokens_mean": sum(int(r["usage"].get("prompt_tokens") or 0) for r in res) / c,
+            "decode_steps": int(after.get("decode_steps", 0)) - int(before.get("decode_steps", 0)),
+            "decode_batch_max": int(after.get("decode_batch_max", 0)),
+        }
+        rows.append(row)
+        log.info("[throughput] concurrency %d: %d tokens in %.2f s = %.1f tok/s (%d decode steps)",
+                 c, toks, wall, row["tokens_per_s"], row["decode_steps"])
+    return rows
 
 
 #: appended as the "answer" of a chat turn when the model's reply is empty (1-token replies)
@@ -204,7 +263,7 @@ def pct(values: list[float], p: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(results: list[dict[str, Any]], chunk: int = 256) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for res in results:
         cfg = res["config"]
@@ -213,9 +272,21 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             t = [r["ttft_s"] for r in res["rows"] if r["kind"] == kind]
             out[cfg][kind] = {"n": len(t), "ttft_p50_s": pct(t, 0.5), "ttft_p90_s": pct(t, 0.9),
                               "cached_tokens": sum(r["cached_tokens"] for r in res["rows"] if r["kind"] == kind)}
+        for source, label in (("doc", "repeat_doc"), ("turn", "repeat_chat")):
+            rows = [r for r in res["rows"] if r["kind"] == "repeat" and r["source"] == source]
+            t = [r["ttft_s"] for r in rows]
+            out[cfg][label] = {"n": len(t), "ttft_p50_s": pct(t, 0.5), "ttft_p90_s": pct(t, 0.9),
+                               "prompt_tokens": [r["prompt_tokens"] for r in rows],
+                               "prompt_mod_chunk": [r["prompt_tokens"] % chunk for r in rows],
+                               "cached_tokens": [r["cached_tokens"] for r in rows]}
+        if res.get("throughput"):
+            out[cfg]["throughput"] = res["throughput"]
     if "store" in out and "no-store" in out:
         out["repeat_p50_speedup"] = out["no-store"]["repeat"]["ttft_p50_s"] / out["store"]["repeat"]["ttft_p50_s"]
         out["repeat_p90_speedup"] = out["no-store"]["repeat"]["ttft_p90_s"] / out["store"]["repeat"]["ttft_p90_s"]
+        for label in ("repeat_doc", "repeat_chat"):
+            a, b = out["no-store"][label]["ttft_p50_s"], out["store"][label]["ttft_p50_s"]
+            out[f"{label}_p50_speedup"] = a / b if b == b and b > 0 else float("nan")
         # compare token ids (the decode worker's record); an empty output is never "identical"
         pairs = list(zip(results[0]["rows"], results[1]["rows"]))
         same = [bool(a["token_ids"]) and a["token_ids"] == b["token_ids"] for a, b in pairs]
@@ -235,6 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=1,
                    help="tokens per request; 1 makes the request's latency its TTFT (the frontend may hold back "
                         "the first streamed chunk while detokenizing a random-weight model's output)")
+    p.add_argument("--reply-tokens", type=int, default=24, help="generated tokens per chat turn (the reply the next "
+                   "turn carries)")
+    p.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8],
+                   help="throughput levels (concurrent requests) on the store graph; none to skip")
+    p.add_argument("--tput-tokens", type=int, default=32, help="generated tokens per throughput request")
+    p.add_argument("--tput-prompt-tokens", type=int, default=128, help="approximate throughput prompt length")
+    p.add_argument("--max-batch", type=int, default=None, help="workers' --max-batch (default: the worker's, 8)")
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--handoff", choices=("store", "nixl"), default="nixl",
                    help="hand-off of the store configuration (the no-store baseline always uses nixl)")
@@ -263,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [(n, u) for n, u in (("store", True), ("no-store", False)) if not args.only or args.only == n]
     with tempfile.TemporaryDirectory(prefix="vua-bench-graph-") as td:
         results = run_interleaved(args, configs, workload, Path(td))
-    summary = summarize(results)
+    summary = summarize(results, args.chunk_tokens)
     summary["params"] = {k: v for k, v in vars(args).items() if k != "out"}
     print(json.dumps(summary, indent=2))
     if args.out:

@@ -198,6 +198,10 @@ class GraphSpec(BaseSettings):
         None, description="router credit per shared-store block (Dynamo's disk/external weight, default 0.25)")
     migration_limit: int = Field(0, ge=0, description="frontend retries on another worker when one dies")
     max_num_seqs: int = Field(4, gt=0, description="sequences each worker's KV pool is sized for")
+    partial_reuse: bool = Field(True, description="workers save and reuse the whole blocks of a prompt's partial "
+                                "last chunk (keyed partial block)")
+    max_batch: Optional[int] = Field(None, gt=0, description="sequences a worker decodes in one forward pass per "
+                                     "step (worker default 8; 1: one at a time)")
     kv_cache_tokens: Optional[int] = Field(None, gt=0, description="paged KV pool size in tokens per worker")
     default_max_tokens: int = Field(64, gt=0, description="max_tokens when a request gives none")
     events: bool = Field(True, description="publish KV events to the router")
@@ -396,6 +400,10 @@ class Graph:
             argv.append("--no-events")
         if s.hot_cache_mb is not None:
             argv += ["--hot-cache-mb", str(s.hot_cache_mb)]
+        if s.max_batch is not None:
+            argv += ["--max-batch", str(s.max_batch)]
+        if not s.partial_reuse:
+            argv.append("--no-partial-reuse")
         self.stats_dir.mkdir(exist_ok=True)
         argv += ["--stats-file", str(self.stats_dir / f"{name}.json")]
         argv += list(s.worker_args) + list(extra or [])

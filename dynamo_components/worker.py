@@ -97,6 +97,10 @@ class WorkerConfig(TypedConfig):
     seed: int = Field(0, description="weights seed when --model is a preset")
     stats_file: Optional[str] = Field(None, description="rewrite this JSON file with the worker's counters after each request")
     hot_cache_mb: int = Field(512, ge=0, description="worker-local prefix KV cache (router device tier); 0 disables it")
+    partial_reuse: bool = Field(True, description="save and reuse the whole engine blocks of a prompt's partial "
+                                "last chunk (a keyed partial block in the store)")
+    max_batch: int = Field(8, gt=0, description="sequences decoded together, one forward pass per decode step "
+                           "(1: one sequence at a time)")
 
     def component_name(self) -> str:
         return self.component or ("prefill" if self.role == "prefill" else "backend")
@@ -122,6 +126,9 @@ class WorkerStats:
     hot_hits: int = 0
     cancelled: int = 0
     saved_generated_tokens: int = 0
+    decode_steps: int = 0  # forward passes of the decode batcher
+    decode_batched_tokens: int = 0  # tokens produced by steps that served more than one sequence
+    decode_batch_max: int = 0  # largest batch one step served
     ttft_s_total: float = 0.0
     last: dict[str, Any] = field(default_factory=dict)
 
@@ -146,6 +153,90 @@ def http_error_for(exc: BaseException) -> Exception:
     return HttpError(500, f"{type(exc).__name__}: {exc}")
 
 
+def advertise_device(device: str, env: dict[str, str] | None = None) -> str:
+    """Make Dynamo advertise this worker's real device type (``/health``, instance listings).
+
+    Dynamo's runtime reports every endpoint as ``cuda`` unless ``CUDA_VISIBLE_DEVICES`` or
+    ``NVIDIA_VISIBLE_DEVICES`` says no GPU is visible; it never asks the engine. A worker that
+    computes on the CPU sets ``NVIDIA_VISIBLE_DEVICES=void`` in its own environment before the
+    runtime starts (read only by container runtimes and Dynamo, so in-process CUDA libraries are
+    unaffected). Returns the device type advertised."""
+    import torch
+
+    env = os.environ if env is None else env
+    kind = torch.device(device).type
+    if kind == "cpu":
+        cvd = env.get("CUDA_VISIBLE_DEVICES")
+        hidden = cvd is not None and cvd.strip().lower() in ("", "-1", "none", "void")
+        if not hidden:
+            env["NVIDIA_VISIBLE_DEVICES"] = "void"
+        return "cpu"
+    return "cuda"
+
+
+class DecodeBatcher:
+    """Batched decoding for one worker: every request that needs its next token registers a
+    demand; each step takes up to ``max_batch`` waiting sequences and runs **one**
+    ``engine.step_batch`` (one forward pass over the batch on the paged cache). Requests join
+    and leave between steps; a step that fails is retried one sequence at a time so an error
+    fails only its own request."""
+
+    def __init__(self, engine: Any, pool: ThreadPoolExecutor, max_batch: int, stats: "WorkerStats | None" = None) -> None:
+        self.engine = engine
+        self.pool = pool
+        self.max_batch = max(1, int(max_batch))
+        self.stats = stats
+        self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self._task: asyncio.Future | None = None
+
+    async def next_token(self, seq: Any) -> int:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting.append((seq, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+        return await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            # let streams that just got a token ask for the next one, so they join this step
+            for _ in range(3):
+                await asyncio.sleep(0)
+            live = [(s, f) for s, f in self._waiting if not f.done()]
+            if not live:
+                self._waiting = []
+                return
+            batch, self._waiting = live[: self.max_batch], live[self.max_batch :]
+            seqs = [s for s, _ in batch]
+            before = [len(s.tokens) for s in seqs]
+            try:
+                toks = await loop.run_in_executor(self.pool, self.engine.step_batch, seqs)
+                results: list[Any] = list(toks)
+            except Exception:
+                results = []
+                for s, n in zip(seqs, before):
+                    if len(s.tokens) > n:  # already stepped before the failure
+                        results.append(s.tokens[n])
+                        continue
+                    try:
+                        results.append(await loop.run_in_executor(self.pool, self.engine.step, s))
+                    except Exception as exc:  # this request's own error
+                        results.append(exc)
+            st = self.stats
+            if st is not None:
+                st.decode_steps += 1
+                st.decode_batch_max = max(st.decode_batch_max, len(batch))
+                if len(batch) > 1:
+                    st.decode_batched_tokens += len(batch)
+            for (_, fut), res in zip(batch, results):
+                if fut.done():
+                    continue
+                if isinstance(res, BaseException):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(int(res))
+
+
 def _dtype_kv_ok(engine: Any, kv: Any) -> bool:
     return (
         kv.dim() == 5
@@ -167,6 +258,7 @@ class VuaWorker:
         self.stats = WorkerStats()
         self.engine: Any = None
         self.store: Any = None
+        self.partial_store: Any = None
         self.advertiser: Any = None
         self.publisher: Any = None
         self.recorder: Any = None
@@ -183,6 +275,7 @@ class VuaWorker:
         # insert under one lock makes a concurrent identical prompt wait for its sibling's
         # prefix instead of computing it a second time.
         self._prefill_lock = threading.Lock()
+        self.batcher: DecodeBatcher | None = None
 
     # ---- setup ------------------------------------------------------------------------------
     def build_engine(self) -> None:
@@ -210,6 +303,11 @@ class VuaWorker:
                 raise InvalidInputError(f"chunk_tokens {chunk} (--chunk-tokens or VUA_NIXL_CHUNK_TOKENS) must be a "
                                         f"multiple of --block-size {o.block_size}")
         self.engine = Engine(loaded, store=self.store, device=o.device, block_size=o.block_size, num_blocks=num_blocks)
+        if self.store is not None and o.partial_reuse:
+            from vua_nixl_engine.engine import open_partial_store
+
+            self.partial_store = open_partial_store(self.store, o.block_size, observers=[self.recorder])
+            self.engine.attach_partial_store(self.partial_store)
         if o.hot_cache_mb > 0:
             from dynamo_components.hot_cache import HotPrefixCache
 
@@ -252,7 +350,9 @@ class VuaWorker:
 
         o = self.opts
         loop = asyncio.get_running_loop()
+        device_type = advertise_device(o.device)
         await loop.run_in_executor(None, self.build_engine)
+        self.batcher = DecodeBatcher(self.engine, self._pool, o.max_batch, self.stats)
         if o.role == "prefill":
             try:
                 self.exporter = NixlKvExporter(ttl_s=o.handoff_ttl_s)
@@ -298,8 +398,8 @@ class VuaWorker:
             worker_type=wtype, needs=needs, kv_cache_block_size=o.block_size, runtime_config=rc,
         )
         log.info(
-            "%s worker %x serving %s.%s.%s (model %s, hand-off %s)",
-            o.role, self.instance_id, o.namespace, comp, o.endpoint, name, o.handoff,
+            "%s worker %x serving %s.%s.%s (model %s, hand-off %s, device %s, max batch %d)",
+            o.role, self.instance_id, o.namespace, comp, o.endpoint, name, o.handoff, device_type, o.max_batch,
         )
         self.write_stats()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -361,6 +461,7 @@ class VuaWorker:
             live_handoff_buffers=self.exporter.live_buffers if self.exporter else 0,
             hot_cache={"entries": len(self.hot), "bytes": self.hot.nbytes} if self.hot is not None else None,
             store=self.store.stats() if self.store is not None else None,
+            partial_tail=dict(self.engine.tail_stats) if self.engine is not None and self.engine.partial_store is not None else None,
         )
         return body
 
@@ -382,6 +483,8 @@ class VuaWorker:
         body = self.stats_body()
         if isinstance(request, dict) and request.get("op") == "reset":
             self.stats = WorkerStats()
+            if self.batcher is not None:
+                self.batcher.stats = self.stats
         yield body
 
     # ---- request handling ---------------------------------------------------------------------
@@ -429,7 +532,7 @@ class VuaWorker:
             hot_n, hot_kv = self.hot.lookup(tokens, max_tokens=len(tokens) - 1)
             if hot_n and self.store is not None:
                 # the store may hold a longer prefix (written by another worker): take the longer
-                if int(self.store.lookup(tokens[:-1])) > hot_n:
+                if int(self.engine.stored_prefix(tokens[:-1])) > hot_n:
                     hot_n, hot_kv = 0, None
         try:
             if hot_n:
@@ -484,7 +587,7 @@ class VuaWorker:
                     stored = 0
                     if self.store is not None:
                         self.engine.flush(timeout=60)
-                        stored = int(self.store.lookup(tokens))
+                        stored = int(self.engine.stored_prefix(tokens))
                         if self.advertiser is not None:
                             self.advertiser.note_prompt(tokens)
                     params = store_params(
@@ -606,7 +709,9 @@ class VuaWorker:
                     yield out
                     break
                 yield out
-                tok = await loop.run_in_executor(self._pool, self.engine.step, seq)
+                if self.batcher is None:
+                    self.batcher = DecodeBatcher(self.engine, self._pool, self.opts.max_batch, self.stats)
+                tok = await self.batcher.next_token(seq)
         finally:
             self.stats.last = {**self.stats.last, "output": output, "finish_reason": finish}
             full = list(seq.tokens)
@@ -617,7 +722,9 @@ class VuaWorker:
         """Save the KV of the prompt and the generated tokens (full chunks), then free."""
         try:
             if self.store is not None:
-                self.stats.saved_generated_tokens += max(0, self.engine.save_sequence(seq) - seq.prompt_len)
+                self.engine.save_sequence(seq)
+                # chunks saved during decoding (engine.save_during_decode) count too
+                self.stats.saved_generated_tokens += max(0, seq.stored_tokens - seq.prompt_len)
         except Exception:
             log.warning("saving a finished sequence failed", exc_info=True)
         finally:

@@ -484,3 +484,59 @@ def test_every_preset_tokenizer_fits_its_vocabulary(name):
     p = PRESETS[name]
     tok, _ = build_tokenizer(p.tokenizer_vocab, p.max_context)
     assert 259 < len(tok) <= p.vocab_size  # specials + 256 bytes + merges: every byte decodable
+
+
+# ---- partial last chunk (keyed partial block) ----------------------------------------------------
+
+
+def _engine_with_partial(model, root: Path, block_size: int = 16) -> Engine:
+    from vua_nixl_engine import open_partial_store
+
+    engine = Engine(model, block_size=block_size)
+    store = _store(root, engine)
+    engine.attach_store(store)
+    engine.attach_partial_store(open_partial_store(store, block_size, backend="POSIX"))
+    return engine
+
+
+def test_partial_last_chunk_is_reused_when_the_next_prompt_extends_it(tiny_fp32, tmp_path):
+    """A 90-token prompt (chunks of 32) leaves 26 tokens past its last full chunk; a longer prompt
+    that extends it loads 64 from the main store and the tail's whole 16-token block (80 in all),
+    and agrees with a full recompute."""
+    engine = _engine_with_partial(tiny_fp32, tmp_path)
+    first = _prompt(90, seed=11)
+    engine.generate(first, max_new_tokens=1)
+    engine.flush()
+    assert engine.tail_stats["saved"] == 1
+    nxt = first + _prompt(20, seed=12)
+    assert engine.stored_prefix(nxt[:-1]) == 80
+    hit = engine.generate(nxt, max_new_tokens=6, stop_at_eos=False)
+    full = engine.generate(nxt, max_new_tokens=6, stop_at_eos=False, use_store=False, save=False)
+    assert hit.reused_tokens == 80 and hit.prefill.partial_tokens == 16
+    torch.testing.assert_close(hit.prefill.logits, full.prefill.logits, rtol=1e-4, atol=1e-4)
+    assert hit.token_ids == full.token_ids
+    engine.close()
+
+
+def test_partial_tail_of_a_short_prompt_and_a_diverging_prompt(tiny_fp32, tmp_path):
+    engine = _engine_with_partial(tiny_fp32, tmp_path)
+    short = _prompt(20, seed=13)  # shorter than one chunk: its first block is still reusable
+    engine.generate(short, max_new_tokens=1)
+    engine.flush()
+    assert engine.generate(short + [5, 6, 7], max_new_tokens=1).reused_tokens == 16
+    # a prompt that shares the full chunks but not a whole block of the tail: chunks only
+    first = _prompt(90, seed=14)
+    engine.generate(first, max_new_tokens=1)
+    engine.flush()
+    other = first[:70] + _prompt(30, seed=15)
+    assert engine.generate(other, max_new_tokens=1).reused_tokens == 64
+    engine.close()
+
+
+def test_partial_tail_store_must_use_the_block_size(tiny_fp32, tmp_path):
+    engine = Engine(tiny_fp32, block_size=16)
+    store = _store(tmp_path, engine)
+    engine.attach_store(store)
+    with pytest.raises(InvalidInputError, match="block_size"):
+        engine.attach_partial_store(_store(tmp_path, engine, chunk=32))
+    engine.close()

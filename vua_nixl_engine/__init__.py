@@ -13,7 +13,7 @@ from typing import Any
 # ``engine_cli``) never pulls transformers into a process that only wants ``vua-nixl ls``.
 _EXPORTS = {
     "Engine": "engine", "Generation": "engine", "PrefillStats": "engine", "Sequence": "engine",
-    "namespace_for": "engine",
+    "namespace_for": "engine", "open_partial_store": "engine",
     "EngineError": "errors", "ModelLoadError": "errors", "OutOfBlocksError": "errors",
     "PromptTooLongError": "errors", "StoreMismatchError": "errors",
     "LoadedModel": "modeldir", "build_preset": "modeldir", "load_model": "modeldir",
@@ -32,6 +32,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Engine",
+    "open_partial_store",
     "Generation",
     "PrefillStats",
     "Sequence",

@@ -17,11 +17,13 @@ are ever reused.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 from typing import Sequence as Seq
@@ -33,7 +35,7 @@ from vua_nixl.dtypes import dtype_name
 from vua_nixl.errors import InvalidInputError, VuaNixlError
 from vua_nixl.keys import KVLayout, Namespace
 from vua_nixl_engine.errors import PromptTooLongError, StoreMismatchError
-from vua_nixl_engine.hf_cache import paged_cache_view
+from vua_nixl_engine.hf_cache import batched_decode_view, paged_cache_view
 from vua_nixl_engine.modeldir import LoadedModel, load_model
 from vua_nixl_engine.paged import PagedKVCache
 from vua_nixl_engine.saver import WriteBehindSaver
@@ -58,6 +60,7 @@ class PrefillStats:
     load_path: str = ""  # "direct": the store wrote into the paged blocks; "staging": via a copy
     compute_s: float = 0.0  # model forward over the non-reused tokens
     save_queued_tokens: int = 0  # tokens handed to write-behind (0: nothing new to save)
+    partial_tokens: int = 0  # of reused_tokens, loaded from the partial-tail store (past the last full chunk)
     logits: torch.Tensor | None = field(default=None, repr=False)  # float32 logits of the last prompt position
 
 
@@ -87,6 +90,8 @@ class Sequence:
     block_table: torch.Tensor
     num_computed: int = 0
     stored_tokens: int = 0  # prefix length known to be in (or on its way to) the store
+    tail_stored: int = 0  # end of the partial tail saved (see Engine.partial_store)
+    autosave: bool = True  # save chunks completed while decoding (Engine.save_during_decode)
     freed: bool = False
 
     @property
@@ -163,6 +168,14 @@ class Engine:
         self.store: Any = None
         self.saver: WriteBehindSaver | None = None
         self.chunk_tokens = 0
+        #: Save each store chunk of a sequence as soon as decoding completes it (prompt *and*
+        #: generated tokens), so a request migrated to another worker after this one died loads
+        #: the exact KV this worker computed instead of recomputing it (see docs/ENGINE.md).
+        self.save_during_decode = True
+        self.partial_store: Any = None
+        self._tail_pool: ThreadPoolExecutor | None = None
+        self._tail_jobs: list[Future] = []
+        self.tail_stats = {"saved": 0, "failed": 0, "dropped": 0, "hits": 0, "tokens": 0}
         self.attach_store(store)
 
     # ---- construction -----------------------------------------------------------------------
@@ -201,6 +214,111 @@ class Engine:
             self.saver = (
                 WriteBehindSaver(store, self.paged, max_pending=self._max_pending_saves) if store is not None else None
             )
+
+    def attach_partial_store(self, partial: Any) -> None:
+        """Reuse a prompt's partial last chunk (``None`` turns it off).
+
+        ``partial`` is a KVStore with the main store's root and namespace and
+        ``chunk_tokens == block_size`` (see :func:`open_partial_store`): its chunk size is in the
+        key chain's fingerprint, so its keys never collide with the main store's. The tokens
+        past a prompt's last full chunk are saved there (whole engine blocks) as a *keyed
+        partial block*: a synthetic sequence whose first block is a digest of the main store's
+        key of the prefix before them, then the tail tokens. A later prompt that extends this
+        one loads its full chunks from the main store, then the tail blocks whose tokens it
+        shares, by looking up ``digest(prefix key) + its own next tokens``."""
+        with self._lock:
+            self.flush()
+            if partial is not None:
+                if int(partial.chunk_tokens) != self.block_size:
+                    raise InvalidInputError(
+                        f"the partial-tail store needs chunk_tokens == block_size ({self.block_size}), "
+                        f"got {partial.chunk_tokens}")
+                self._check_store(partial)
+                if self._tail_pool is None:
+                    self._tail_pool = ThreadPoolExecutor(1, thread_name_prefix="vua-tail-save")
+            self.partial_store = partial
+
+    def _tail_header(self, prefix_tokens: np.ndarray) -> np.ndarray:
+        """The synthetic first block of a tail: a digest of the main store's key of the prefix
+        before the tail (the key chains every earlier token, the namespace and chunk size)."""
+        n = int(prefix_tokens.size)
+        key = self.store.keys_for(prefix_tokens)[-1] if n else b"vua-nixl/empty-prefix"
+        h = hashlib.blake2b(bytes(key), digest_size=4 * self.block_size, person=b"vua-tail-v1").digest()
+        return np.frombuffer(h, dtype=np.uint32).astype(np.int64)
+
+    def _load_tail(self, seq: Sequence, stats: PrefillStats) -> None:
+        """After the full chunks: load stored whole blocks of the prompt's partial last chunk."""
+        start = seq.num_computed
+        probe_end = seq.prompt_len - 1
+        bs = self.block_size
+        if self.partial_store is None or not self.chunk_tokens or start % self.chunk_tokens:
+            return
+        if probe_end - start < bs:
+            return
+        try:
+            header = self._tail_header(np.asarray(seq.tokens[:start], dtype=np.int64))
+            synth = np.concatenate([header, np.asarray(seq.tokens[start:probe_end], dtype=np.int64)])
+            matched = int(self.partial_store.lookup(synth))
+            n = matched - bs
+            if n <= 0:
+                return
+            buf = self._staging_buffer(matched)
+            res = self.partial_store.get(synth[:matched], out=buf)
+            got = int(res.tokens or 0) - bs
+            if got <= 0 or res.kv is None:
+                return
+        except (VuaNixlError, OSError) as exc:
+            log.warning("partial-tail load failed, computing the tail instead: %s", exc)
+            return
+        self._ensure_capacity(seq, start + got)
+        self.paged.scatter(self.paged.slots(seq.block_table, start, start + got), res.kv[:, :, bs : bs + got])
+        seq.num_computed = start + got
+        seq.tail_stored = start + got
+        stats.partial_tokens = got
+        self.tail_stats["hits"] += 1
+        self.tail_stats["tokens"] += got
+
+    def _queue_tail_save(self, seq: Sequence) -> int:
+        """Save the whole engine blocks past the last full chunk (write-behind). Returns tokens."""
+        if self.partial_store is None or self._tail_pool is None or not self.chunk_tokens:
+            return 0
+        bs = self.block_size
+        start = (seq.num_computed // self.chunk_tokens) * self.chunk_tokens
+        end = (seq.num_computed // bs) * bs
+        if end <= start or end <= seq.tail_stored:
+            return 0
+        self._tail_jobs = [f for f in self._tail_jobs if not f.done()]
+        if len(self._tail_jobs) >= self._max_pending_saves:
+            self.tail_stats["dropped"] += 1
+            return 0
+        header = self._tail_header(np.asarray(seq.tokens[:start], dtype=np.int64))
+        synth = np.concatenate([header, np.asarray(seq.tokens[start:end], dtype=np.int64)])
+        kv = torch.zeros((self.num_layers, 2, end - start + bs, self.kv_heads, self.head_dim), dtype=self.dtype)
+        kv[:, :, bs:] = self.paged.gather(self.paged.slots(seq.block_table, start, end)).cpu()
+        store, stats = self.partial_store, self.tail_stats
+
+        def job() -> None:
+            try:
+                store.put(synth, kv)
+                stats["saved"] += 1
+            except Exception:
+                stats["failed"] += 1
+                log.warning("saving a partial tail failed", exc_info=True)
+
+        self._tail_jobs.append(self._tail_pool.submit(job))
+        seq.tail_stored = end
+        return end - start
+
+    def stored_prefix(self, token_ids: Seq[int]) -> int:
+        """Tokens of ``token_ids`` a prefill could load: full chunks plus the partial tail."""
+        if self.store is None:
+            return 0
+        probe = np.asarray(list(token_ids), dtype=np.int64)
+        n = int(self.store.lookup(probe))
+        if self.partial_store is None or n % max(self.chunk_tokens, 1) or probe.size - n < self.block_size:
+            return n
+        synth = np.concatenate([self._tail_header(probe[:n]), probe[n:]])
+        return n + max(0, int(self.partial_store.lookup(synth)) - self.block_size)
 
     def _check_store(self, store: Any) -> None:
         ns = getattr(store, "namespace", None) if store is not None else None
@@ -356,6 +474,7 @@ class Engine:
             stats = PrefillStats(first_token=-1, reused_tokens=0, computed_tokens=0, ttft_s=0.0, prompt_tokens=seq.prompt_len)
             if self.store is not None and use_store and seq.num_computed == 0:
                 self._load_prefix(seq, stats)
+                self._load_tail(seq, stats)
             stats.reused_tokens = seq.num_computed
             t1 = time.perf_counter()
             stats.computed_tokens = len(seq.tokens) - seq.num_computed
@@ -369,6 +488,7 @@ class Engine:
             seq.tokens.append(first)
             if save and self.saver is not None and self.chunk_tokens:
                 stats.save_queued_tokens = self._queue_save(seq)
+                self._queue_tail_save(seq)
             return stats
 
     def _queue_save(self, seq: Sequence) -> int:
@@ -388,6 +508,7 @@ class Engine:
         with self._lock:
             if self.saver is None or not self.chunk_tokens:
                 return 0
+            self._queue_tail_save(seq)
             n_full = (seq.num_computed // self.chunk_tokens) * self.chunk_tokens
             if n_full <= seq.stored_tokens:
                 return 0
@@ -410,7 +531,77 @@ class Engine:
             logits = self._forward(seq)
             tok = self._pick(logits)
             seq.tokens.append(tok)
+            self._save_progress(seq)
             return tok
+
+    def step_batch(self, seqs: Seq[Sequence]) -> list[int]:
+        """One greedy decode step for several sequences with **one forward pass** over the batch.
+
+        Each sequence must have exactly one pending token (the usual decode state); its K/V is
+        written into its own paged blocks and every row attends over exactly its own tokens
+        (right-padded gather + a 4-D mask, per-row position ids). Sequences with more than one
+        pending token (e.g. a hand-off's ``first_token`` plus more) are stepped one at a time.
+        Returns the next token of each sequence, in order. In float32 the tokens equal those of
+        :meth:`step` called on each sequence (tests/test_batching.py)."""
+        with self._lock:
+            if not seqs:
+                return []
+            if len({id(s) for s in seqs}) != len(seqs):
+                raise InvalidInputError("step_batch got the same sequence twice")
+            for s in seqs:  # validate everything first: an error steps no sequence
+                if s.freed:
+                    raise InvalidInputError(f"sequence {s.seq_id} was freed")
+                if len(s.tokens) <= s.num_computed:
+                    raise InvalidInputError(f"sequence {s.seq_id} has no pending token")
+                self._check_length(len(s.tokens) + 1)
+            batch = [i for i, s in enumerate(seqs) if not s.freed and len(s.tokens) - s.num_computed == 1]
+            out: list[int | None] = [None] * len(seqs)
+            if len(batch) > 1:
+                for i, tok in zip(batch, self._batched_step([seqs[i] for i in batch])):
+                    out[i] = tok
+            for i, s in enumerate(seqs):
+                if out[i] is None:
+                    out[i] = self.step(s)  # raises the usual errors (freed, no pending token...)
+            return [int(t) for t in out]  # type: ignore[arg-type]
+
+    def _batched_step(self, seqs: list[Sequence]) -> list[int]:
+        lens = []
+        for s in seqs:
+            self._check_length(len(s.tokens) + 1)
+            self._ensure_capacity(s, len(s.tokens))
+            lens.append(len(s.tokens))
+        b, t_max = len(seqs), max(lens)
+        lens_t = torch.tensor(lens, dtype=torch.long, device=self.device)
+        all_slots = torch.zeros((b, t_max), dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            all_slots[i, : lens[i]] = self.paged.slots(s.block_table, 0, lens[i])
+        rows = torch.arange(b, device=self.device)
+        new_slots = all_slots[rows, lens_t - 1]
+        valid = torch.arange(t_max, device=self.device).unsqueeze(0) < lens_t.unsqueeze(1)
+        mask = torch.zeros((b, 1, 1, t_max), dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~valid.view(b, 1, 1, t_max), torch.finfo(self.dtype).min)
+        ids = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long, device=self.device)
+        pos = (lens_t - 1).unsqueeze(1)
+        cache = batched_decode_view(self.paged, new_slots, all_slots)
+        with torch.inference_mode():
+            res = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+        logits = res.logits[:, -1].float()
+        toks = torch.argmax(logits[:, : self.emit_limit], dim=-1).tolist()
+        for s, n, tok in zip(seqs, lens, toks):
+            s.num_computed = n
+            s.tokens.append(int(tok))
+            self._save_progress(s)
+        return [int(t) for t in toks]
+
+    def _save_progress(self, seq: Sequence) -> None:
+        """While decoding, queue each newly completed store chunk (see ``save_during_decode``)."""
+        if not (self.save_during_decode and seq.autosave) or self.saver is None or not self.chunk_tokens:
+            return
+        n_full = (seq.num_computed // self.chunk_tokens) * self.chunk_tokens
+        if n_full > seq.stored_tokens and n_full > seq.prompt_len:
+            if self.saver.submit(np.asarray(seq.tokens, dtype=np.int64), seq.block_table, seq.blocks, n_full):
+                seq.stored_tokens = n_full
 
     def _pick(self, logits: torch.Tensor) -> int:
         """Greedy choice among the ids the tokenizer can decode."""
@@ -432,6 +623,7 @@ class Engine:
         self._check_length(len(ids), max_new_tokens)
         t0 = time.perf_counter()
         seq = self.start(ids)
+        seq.autosave = save
         try:
             stats = self.prefill(seq, use_store=use_store, save=save)
             out = [stats.first_token]
@@ -483,11 +675,22 @@ class Engine:
     # ---- lifecycle --------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for write-behind saves to reach the store; False on timeout."""
-        return True if self.saver is None else self.saver.flush(timeout)
+        ok = True if self.saver is None else self.saver.flush(timeout)
+        jobs, deadline = list(self._tail_jobs), None if timeout is None else time.monotonic() + timeout
+        for f in jobs:
+            try:
+                f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except Exception:
+                ok = False
+        return ok
 
     def close(self) -> None:
         if self.saver is not None:
             self.saver.close()
+        self.flush()
+        if self._tail_pool is not None:
+            self._tail_pool.shutdown(wait=True)
+            self._tail_pool = None
 
     def __enter__(self) -> "Engine":
         return self
@@ -503,3 +706,11 @@ class Engine:
 
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.kv_heads * self.head_dim * self.paged.kv.element_size()
+
+
+def open_partial_store(store: Any, block_size: int, **kwargs: Any) -> Any:
+    """The partial-tail store for ``store`` (same root, namespace and NIXL agent;
+    ``chunk_tokens = block_size``), for :meth:`Engine.attach_partial_store`."""
+    from vua_nixl.store import KVStore
+
+    return KVStore(store.paths.root, store.namespace, chunk_tokens=int(block_size), agent=store.agent, **kwargs)

@@ -91,6 +91,14 @@ class KVStore:
         self.geometry = geo
         self.chunk_bytes = geo.chunk_bytes
         self.file_bytes = geo.file_bytes
+        # What a block file occupies on disk (capacity counts allocated blocks): its size rounded
+        # up to the file system's allocation unit. Reservations use this, so a limit is not
+        # overrun by the rounding of every file.
+        try:
+            unit = max(512, os.statvfs(self.paths.root).f_frsize or 4096)
+        except OSError:
+            unit = 4096
+        self.file_alloc_bytes = -(-self.file_bytes // unit) * unit
 
         self._own_agent = agent is None
         self.agent = agent or NixlAgent.from_config(cfg, self.paths.tmp)
@@ -251,7 +259,7 @@ class KVStore:
         if not todo:
             self._core.bump(puts=len(items), chunks_skipped=skipped)
             return results
-        nbytes = len(todo) * self.file_bytes
+        nbytes = len(todo) * self.file_alloc_bytes
         self.observers.before_write(self, nbytes)
         try:
             stored = self._writer.write(plans, list(todo.items()))
