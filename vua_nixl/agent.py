@@ -328,46 +328,9 @@ class NixlAgent:
         self._transfer_one(op, mem_descs, file_descs, mem_type)
 
     def _transfer_one(self, op: str, mem_descs: np.ndarray, file_descs: np.ndarray, mem_type: str) -> None:
-        with self._lock:
-            if self._closed:
-                raise TransferError("NIXL agent is closed")
-            if self.fault_hook is not None:
-                self.fault_hook(op, file_descs)
-            try:
-                local = self._agent.get_xfer_descs(np.ascontiguousarray(mem_descs, dtype=np.uint64), mem_type)
-                remote = self._agent.get_xfer_descs(np.ascontiguousarray(file_descs, dtype=np.uint64), "FILE")
-                handle = self._agent.initialize_xfer(op, local, remote, self._agent.name, backends=[self.backend])
-            except Exception as exc:
-                raise TransferError(f"NIXL {op} could not be prepared: {type(exc).__name__}: {exc}") from None
-            try:
-                state = self._agent.transfer(handle)
-                spins = 0
-                deadline = time.monotonic() + self.timeout_s
-                while state == "PROC":
-                    state = self._agent.check_xfer_state(handle)
-                    spins += 1
-                    # Spin first (a page-cache hit completes in microseconds), then back off in
-                    # growing steps capped at 100 us: no fixed sleep floor on any transfer, and a
-                    # long O_DIRECT read does not burn a core the engine needs.
-                    if spins > _SPIN_POLLS:
-                        time.sleep(min(_MAX_BACKOFF_S, 1e-6 * (spins - _SPIN_POLLS)))
-                        if time.monotonic() > deadline:
-                            raise TransferError(
-                                f"NIXL {op} of {len(mem_descs)} descriptors did not complete in {self.timeout_s:g} s"
-                            )
-                    elif spins & 63 == 0:
-                        os.sched_yield()
-                if state != "DONE":
-                    raise TransferError(f"NIXL {op} of {len(mem_descs)} descriptors ended in state {state}")
-            except TransferError:
-                raise
-            except Exception as exc:
-                raise TransferError(f"NIXL {op} failed: {type(exc).__name__}: {exc}") from None
-            finally:
-                try:
-                    self._agent.release_xfer_handle(handle)
-                except Exception:  # a failed request may already be gone
-                    pass
+        """One NIXL request: post it, then poll it to completion (spin, then back off, no fixed
+        sleep floor; a deadline turns a hung transfer into an error) and release it."""
+        self._finish(self._post(op, mem_descs, file_descs, mem_type), op, len(mem_descs))
 
     def transfer_overlapped(self, op: str, batches: Sequence[tuple[np.ndarray, np.ndarray]], mem_type: str,
                             work: Callable[[int], None]) -> None:
