@@ -141,9 +141,18 @@ def launcher(tmp_path_factory):
                 proc.wait(10)
 
 
-def completion(st: dict, prompt, max_tokens: int = 8, timeout: float = 60.0, **extra) -> tuple[int, dict | str]:
+def completion(st: dict, prompt, max_tokens: int = 8, timeout: float = 60.0, retry_503_s: float = 60.0,
+               **extra) -> tuple[int, dict | str]:
+    """POST /completions. A 503 ("Service temporarily unavailable": the frontend has no live
+    instance for a moment, e.g. while a killed worker's replacement registers) is retried for up
+    to ``retry_503_s``; every other answer is returned as it is."""
     body = {"model": st["model"], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
-    code, text = post(st["url"] + "/completions", body, timeout=timeout)
+    deadline = time.monotonic() + retry_503_s
+    while True:
+        code, text = post(st["url"] + "/completions", body, timeout=timeout)
+        if code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     try:
         return code, json.loads(text)
     except ValueError:
@@ -175,7 +184,7 @@ def test_decode_worker_killed_mid_request_is_restarted(ns, launcher):
     st = state(work)
     victim = st["processes"]["decode-0"]["pid"]
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    fut = pool.submit(completion, st, list(range(20, 140)), 1500, 90, min_tokens=1500)
+    fut = pool.submit(completion, st, list(range(20, 140)), 1500, 90, 0.0, min_tokens=1500)  # no 503 retry here
     time.sleep(1.5)
     assert not fut.done(), fut.result()
     os.kill(victim, signal.SIGKILL)
