@@ -21,7 +21,7 @@ import os
 import stat
 import time
 from contextlib import ExitStack
-from typing import Any, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, TypeVar
 
 import torch
 
@@ -237,11 +237,7 @@ class KVStore:
         self._check_open()
         groups = group_by_memory([memory_kind(kv) for _, kv in items])
         if len(groups) > 1:
-            results_by_index: dict[int, int] = {}
-            for idx in groups:
-                for i, r in zip(idx, self.put_many([items[i] for i in idx])):
-                    results_by_index[i] = r
-            return [results_by_index[i] for i in range(len(items))]
+            return _per_group(groups, len(items), lambda idx: self.put_many([items[i] for i in idx]))
         now = time.monotonic()
         plans: list[Plan] = []
         todo: dict[bytes, tuple[int, int]] = {}  # key -> (plan index, chunk index): dedupes shared prefixes
@@ -293,12 +289,8 @@ class KVStore:
         kinds = [memory_kind(outs[r]) if outs is not None and outs[r] is not None else device.type for r in range(len(tokens_list))]
         groups = group_by_memory(kinds)
         if len(groups) > 1:  # one NIXL read per kind of destination memory
-            by_index: dict[int, GetResult] = {}
-            for idx in groups:
-                sub_outs = [outs[i] for i in idx] if outs is not None else None
-                for i, res in zip(idx, self.get_many([tokens_list[i] for i in idx], sub_outs, device)):
-                    by_index[i] = res
-            return [by_index[i] for i in range(len(tokens_list))]
+            return _per_group(groups, len(tokens_list), lambda idx: self.get_many(
+                [tokens_list[i] for i in idx], [outs[i] for i in idx] if outs is not None else None, device))
         t0 = time.perf_counter()
         plans: list[Plan] = []
         with ExitStack() as stack:
@@ -415,5 +407,17 @@ class KVStore:
         if self._closed:
             raise VuaNixlError("KVStore is closed")
 
+
+
+T = TypeVar("T")
+
+
+def _per_group(groups: list[list[int]], n: int, run: Callable[[list[int]], list[T]]) -> list[T]:
+    """Run ``run`` on each group of item indices and put the results back in item order."""
+    out: list[Optional[T]] = [None] * n
+    for idx in groups:
+        for i, r in zip(idx, run(idx)):
+            out[i] = r
+    return out  # type: ignore[return-value]  # every index is in exactly one group
 
 __all__ = ["KVStore", "GetResult", "StoredChunk", "StoreObserver"]

@@ -92,8 +92,7 @@ class ChunkGeometry:
         mac = chain.mac()
         mac.update(header.mac_input())
         if t.device.type == "cuda":
-            c = self.chunk_tokens
-            mac.update(t.narrow(token_dim(self.layout), chunk * c, c).contiguous().cpu().view(torch.uint8).numpy())  # type: ignore[arg-type]
+            mac.update(self.payload(t, chunk).cpu().numpy())  # type: ignore[arg-type]
         else:
             for seg in segments(addrs, self.seg_bytes):
                 mac.update(seg)
