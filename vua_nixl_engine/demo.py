@@ -251,7 +251,12 @@ def run_demo(opts: DemoOptions) -> int:
             name = f"chat-t{t + 1}"
             progress.update(task, description=f"{name} (history + new message)")
             history.append({"role": "user", "content": _text_of_tokens(engine, 2000 + t, opts.turn_tokens)})
-            r = _run_request(engine, name, "chat", _prompt_ids(engine, history), opts.max_new_tokens)
+            ids = _prompt_ids(engine, history)
+            if len(ids) + opts.max_new_tokens > engine.max_context:  # a small model's context is full
+                progress.console.print(f"{name}: the conversation ({len(ids)} tokens) no longer fits the model's "
+                                       f"context of {engine.max_context} tokens; the chat ends here")
+                break
+            r = _run_request(engine, name, "chat", ids, opts.max_new_tokens)
             history.append({"role": "assistant", "content": _text_of_tokens(engine, 4000 + t, opts.reply_tokens)})
             results.append(r)
             progress.console.print(_row_line(r))
