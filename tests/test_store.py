@@ -410,3 +410,57 @@ def test_puts_and_gets_spanning_several_transfer_batches(store, monkeypatch):
     assert store.put(TOKENS, kv) == 5 * CHUNK
     assert store.stats()["chunks_written"] == 5
     assert same_bytes(store.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
+
+
+@pytest.mark.parametrize("mode", ["thread", "inline"])
+def test_hash_overlap_modes_write_verify_and_reject_alike(root, ns, monkeypatch, mode):
+    """Checksums computed on a helper thread (overlapped with the transfer) or in line: the same
+    header digests, the same bytes back, the same corrupt-block cut, nothing published on a
+    failed write."""
+    import vua_nixl.store.planning as store_mod
+    from vua_nixl.errors import TransferError
+    from vua_nixl.format import checksum, read_header_file
+
+    monkeypatch.setattr(store_mod, "PIPELINE_BYTES", 1)  # one chunk per read sub-batch
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=21)
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", hash_overlap=mode) as s:
+        assert s.put(TOKENS, kv) == 5 * CHUNK
+        keys = s.keys_for(TOKENS)
+        poff = payload_offset(CHUNK)
+        for key in keys:
+            path = s.block_path(key)
+            payload = Path(path).read_bytes()[poff:]
+            assert read_header_file(path).checksum == checksum([payload])
+        assert same_bytes(s.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
+        helpers = (s._writer._hasher, s._reader._verifier)  # the helper threads exist only if used
+        assert all((h is not None) == (mode == "thread") for h in helpers)
+        _corrupt(s.block_path(keys[2]), "flip_payload")
+        res = s.get(TOKENS)
+        assert res.tokens == 2 * CHUNK and same_bytes(res.kv, kv[:, :, : 2 * CHUNK])
+        assert s.stats()["corrupt"] == 1
+
+        def boom(op, descs):
+            if op == "WRITE":
+                raise TransferError("injected EIO")
+
+        s.agent.fault_hook = boom
+        other = torch.arange(50_000, 50_000 + 3 * CHUNK)
+        with pytest.raises(TransferError, match="injected EIO"):
+            s.put(other, kv[:, :, : 3 * CHUNK])
+        s.agent.fault_hook = None
+        assert s.lookup(other) == 0 and list(s.paths.tmp.iterdir()) == []
+
+
+def test_hash_overlap_auto_stays_in_line_on_a_busy_host(root, ns, monkeypatch):
+    from vua_nixl.store import core as core_mod
+
+    monkeypatch.setattr(core_mod.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
+        assert s.config.hash_overlap == "auto" and not s._core.hash_in_thread()
+    monkeypatch.setattr(core_mod.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(core_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
+        assert s._core.hash_in_thread()
+    monkeypatch.setattr(core_mod.os, "sched_getaffinity", lambda pid: {0})
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
+        assert not s._core.hash_in_thread()  # one CPU: nothing to overlap on

@@ -51,6 +51,7 @@ def parse_size(text: Any) -> int:
 Backend = Literal["auto", "GDS", "GDS_MT", "POSIX"]
 PosixIO = Literal["auto", "uring", "aio", "posix_aio", "sync"]
 EvictionPolicy = Literal["lru", "lfu", "ttl"]
+HashOverlap = Literal["auto", "thread", "inline"]
 
 
 class TypedConfig(BaseSettings):
@@ -83,6 +84,9 @@ class StoreConfig(TypedConfig):
     direct_io: bool = Field(default=False, description="open block files with O_DIRECT (GDS always does)")
     fsync: bool = Field(default=False, description="fsync data and directory before publishing a block")
     verify_checksums: bool = Field(default=True, description="check each payload's XXH3 on every load")
+    hash_overlap: HashOverlap = Field(
+        default="auto", description="where payload checksums run while NIXL moves the bytes: a helper thread, "
+        "the calling thread (inline), or auto (a helper thread while a CPU is idle)")
     file_mode: int = Field(default=0o644, description="permission bits for block files (umask applies)")
     staging_mib: int = Field(default=256, ge=1, description="registered bounce buffer for unregistrable memory")
     output_pool_mib: int = Field(default=1024, ge=0, description="registered memory get() without out= returns results in (0: a fresh tensor per load)")

@@ -87,6 +87,18 @@ class StoreCore:
         with self._stats_lock:
             return dict(vars(self.stats))
 
+    def hash_in_thread(self) -> bool:
+        """Whether checksums should run on a helper thread, overlapped with the transfer.
+
+        XXH3 and NIXL both release the GIL, so a second thread hides the checksum behind the
+        I/O, but only when a second CPU is actually idle: on a busy host the GIL hand-offs
+        cost more than the overlap saves (measured: docs/BENCHMARKS.md). ``auto`` asks the
+        kernel each time (CPUs this process may use vs. the 1-minute load average)."""
+        mode = self.config.hash_overlap
+        if mode != "auto":
+            return mode == "thread"
+        return spare_cpu()
+
     def needs_bounce(self, t: torch.Tensor) -> bool:
         """Whether the agent cannot use ``t``'s memory directly (see StagingPool)."""
         if t.device.type == "cuda" and not self.vram_ok:
@@ -101,6 +113,20 @@ class StoreCore:
         c = self.geo.chunk_tokens
         steps = (st[0], c * st[1]) if self.geo.layout.mla else (st[0], st[1], c * st[2])
         return t.data_ptr() % DIRECT_ALIGN != 0 or any((x * isz) % DIRECT_ALIGN for x in steps)
+
+
+def spare_cpu() -> bool:
+    """Whether at least one CPU this process may run on looks idle right now."""
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        ncpu = os.cpu_count() or 1
+    if ncpu < 2:
+        return False
+    try:
+        return os.getloadavg()[0] < ncpu  # this process's own I/O thread counts for ~1
+    except OSError:
+        return False
 
 
 def describe_oserror(exc: OSError, root: os.PathLike[str] | str) -> str:

@@ -151,6 +151,7 @@ class KVStore:
         self._core.staging.release()
         self._pool.release()
         self._reader.close()
+        self._writer.close()
         if self._own_agent:
             self.agent.close()
 

@@ -1,8 +1,8 @@
 """The read-and-verify pipeline: open the prefix, one NIXL read, verify, cut at the first bad chunk.
 
 Reads are pipelined in sub-batches of about ``PIPELINE_BYTES``: while NIXL moves sub-batch k+1,
-a worker thread verifies sub-batch k (XXH3 and NIXL both release the GIL), so verification costs
-little beyond the I/O. Decisions (quarantine, cutting a prefix) are applied afterwards, in order,
+sub-batch k is verified, on a helper thread when a CPU is idle (XXH3 and NIXL both release the
+GIL), else on the calling thread between polls (``StoreConfig.hash_overlap``). Decisions (quarantine, cutting a prefix) are applied afterwards, in order,
 on the caller's thread. A transfer error trusts nothing of its batch: the batch is retried chunk
 by chunk (:func:`retry_each`, shared with ``vua-nixl verify``) to keep the longest good
 prefix.
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 Job = tuple[Plan, int]
-#: True: verify sub-batch k on a worker thread while this one reads k+1 (GIL hand-offs between
-#: the two cost more than they save on a busy 2-core host). False (default): post k+1, then
-#: verify k on the calling thread while the I/O engine moves k+1 (host memory only).
-VERIFY_IN_THREAD = False
 _NEWER = "newer: "
 _CALLER = "caller: "
 _PAYLOAD_MISMATCH = "mismatch"  # payload checksum or MAC: the bytes read, not the header
@@ -143,11 +139,14 @@ class BlockReader:
                 hdr_m, hdr_f, pay_m, pay_f, seg_addrs = read_rows(geo, jobs, arena)
                 groups = planning.pipeline_groups(len(jobs), geo.file_bytes)
                 checks: list[Any] = []
+                hashing = core.config.verify_checksums or core.chain.sealed
+                # VRAM: verified in line, as before (the threaded path has not run on a GPU yet).
+                threaded = mem_type == "DRAM" and hashing and len(groups) > 1 and core.hash_in_thread()
                 try:
                     with on_device(mems), core.agent.files([fd for p in plans for fd in p.fds]):
-                        if mem_type == "DRAM" and not VERIFY_IN_THREAD:
-                            # Sub-batch k+1 is in flight (the I/O engine's threads copy it) while
-                            # this thread verifies sub-batch k, still warm in the CPU cache.
+                        if mem_type == "DRAM" and not threaded:
+                            # Sub-batch k+1 is posted before this thread verifies sub-batch k: the
+                            # I/O engine moves what it can meanwhile (it progresses when polled).
                             batches = [dram_rows(hdr_m[lo:hi], hdr_f[lo:hi], pay_m[lo * geo.nseg : hi * geo.nseg],
                                                  pay_f[lo * geo.nseg : hi * geo.nseg]) for lo, hi in groups]
                             core.agent.transfer_overlapped(
@@ -157,7 +156,7 @@ class BlockReader:
                             for lo, hi in groups:
                                 seg = slice(lo * geo.nseg, hi * geo.nseg)
                                 transfer_rows(core.agent, "READ", hdr_m[lo:hi], hdr_f[lo:hi], pay_m[seg], pay_f[seg], mem_type)
-                                checks.append(self._submit_check(jobs, lo, hi, arena, seg_addrs, VERIFY_IN_THREAD and len(groups) > 1))
+                                checks.append(self._submit_check(jobs, lo, hi, arena, seg_addrs, threaded))
                     reasons = [r for c in checks for r in (c.result() if hasattr(c, "result") else c)]
                 except TransferError as exc:
                     for c in checks:  # let in-flight verification finish before memory is reused

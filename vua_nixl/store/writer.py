@@ -1,5 +1,9 @@
 """The write/publish path: unique temporary, preallocate, one NIXL write, fsync, rename.
 
+Payload checksums (and tenant MACs) are computed on a helper thread while NIXL writes the
+payloads when a CPU is idle (``StoreConfig.hash_overlap``); the headers that carry them are
+written after, still before any rename.
+
 A chunk exists iff its final file exists. Every byte lands in a temporary named for this writer
 (``<key>.<host>.<pid>.<random>.tmp``) that no reader ever opens; only after the whole batch
 transferred (and, with ``fsync``, reached stable storage) is each temporary renamed into place.
@@ -11,15 +15,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from vua_nixl.errors import StoreRootError, VuaNixlError
-from vua_nixl.format import encode_header
+from vua_nixl.format import ExpectedBlock, encode_header
 from vua_nixl.kvlayout import token_dim
 from vua_nixl.safeio import checked_dir
 from vua_nixl.store import planning
@@ -37,6 +42,12 @@ class BlockWriter:
     def __init__(self, core: StoreCore):
         self.core = core
         self._checked: set[str] = set()  # fan-out directories verified to be inside the root
+        self._hasher: Optional[ThreadPoolExecutor] = None
+
+    def close(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
 
     def write(self, plans: list[Plan], jobs: list[Job]) -> list[StoredChunk]:
         """Publish ``jobs`` (batched by file count). Raises with nothing of a failed batch visible."""
@@ -83,26 +94,20 @@ class BlockWriter:
                 hdr_f: list[tuple[int, int, int]] = []
                 pay_m: list[tuple[int, int, int]] = []
                 pay_f: list[tuple[int, int, int]] = []
+                sealers: list[Callable[[], bytes]] = []
                 for j, (key, (pi, ci)) in enumerate(jobs):
                     plan = plans[pi]
                     src = host_mem[pi]
                     addrs = geo.segment_addrs(src, ci)
-                    alg = digest_for(src)
-                    csum = geo.chunk_checksum(src, ci, addrs, alg)
                     parent = core.parent_of(plan.keys, ci)
                     toks = plan.tokens[ci * c : (ci + 1) * c]
-                    header = geo.expected(core.chain, key, parent, toks).make_header(csum, alg=alg)
-                    if core.chain.sealed:
-                        header = replace(header, mac=geo.chunk_mac(core.chain, header, src, ci, addrs))
-                    hdr = encode_header(header)
-                    hdr_addr = arena.addr + j * poff
-                    ctypes.memmove(hdr_addr, hdr, len(hdr))
+                    sealers.append(self._sealer(src, ci, addrs, geo.expected(core.chain, key, parent, toks)))
                     tmp = core.paths.tmp_file(key.hex())
                     fd = os.open(tmp, flags, core.config.file_mode)
                     temps.append(tmp)
                     fds.append(fd)
                     _preallocate(fd, geo.file_bytes)
-                    hdr_m.append((hdr_addr, poff, 0))
+                    hdr_m.append((arena.addr + j * poff, poff, 0))
                     hdr_f.append((0, poff, fd))
                     pay_m.extend((a, geo.seg_bytes, src.device.index or 0) for a in addrs)
                     pay_f.extend((poff + s * geo.seg_bytes, geo.seg_bytes, fd) for s in range(geo.nseg))
@@ -111,8 +116,27 @@ class BlockWriter:
                 device_ctx = on_device(host_mem.values())
                 hm, hf, pm, pf = (np.array(r, dtype=np.uint64) for r in (hdr_m, hdr_f, pay_m, pay_f))
                 mem_type = core.agent.mem_type_of(next(iter(host_mem.values())))
+
+                def place_headers(headers: list[bytes]) -> None:
+                    for j, hdr in enumerate(headers):
+                        ctypes.memmove(arena.addr + j * poff, hdr, len(hdr))
+
                 with device_ctx, core.agent.files(fds):
-                    transfer_rows(core.agent, "WRITE", hm, hf, pm, pf, mem_type)
+                    if mem_type == "DRAM" and len(jobs) > 1 and core.hash_in_thread():
+                        # Digests on a helper thread while this one drives the payload write;
+                        # the headers that carry them go in a second request, before any rename.
+                        if self._hasher is None:
+                            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-nixl-digest")
+                        pending = self._hasher.submit(lambda: [seal() for seal in sealers])
+                        try:
+                            transfer_rows(core.agent, "WRITE", hm[:0], hf[:0], pm, pf, mem_type)
+                        finally:
+                            headers = pending.result()  # never leave the thread reading freed memory
+                        place_headers(headers)
+                        transfer_rows(core.agent, "WRITE", hm, hf, pm[:0], pf[:0], mem_type)
+                    else:
+                        place_headers([seal() for seal in sealers])
+                        transfer_rows(core.agent, "WRITE", hm, hf, pm, pf, mem_type)
             if core.config.fsync:
                 for fd in fds:
                     os.fsync(fd)
@@ -144,6 +168,19 @@ class BlockWriter:
                     pass
             for reg in regs:
                 core.agent.release(reg)
+
+    def _sealer(self, src: torch.Tensor, ci: int, addrs: np.ndarray, expected: ExpectedBlock) -> Callable[[], bytes]:
+        """The encoded header of chunk ``ci`` of ``src``, to be computed when asked: its payload
+        digest and, for a tenant, its MAC (the expensive part, maybe on another thread)."""
+        core, geo = self.core, self.core.geo
+
+        def seal() -> bytes:
+            alg = digest_for(src)
+            header = expected.make_header(geo.chunk_checksum(src, ci, addrs, alg), alg=alg)
+            if core.chain.sealed:
+                header = replace(header, mac=geo.chunk_mac(core.chain, header, src, ci, addrs))
+            return encode_header(header)
+        return seal
 
     def _publish(self, temps: list[str], chunks: list[StoredChunk], checked: set[str]) -> set[str]:
         """Rename every temporary into place; return the directories touched. A fan-out directory
