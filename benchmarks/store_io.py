@@ -7,7 +7,8 @@ size, a multiple of 4 KiB per segment so O_DIRECT works) it measures, interleave
 raw, store, ...) so both see the same background load:
 
   raw write : os.pwritev of each chunk's segments (as laid out in the canonical tensor) into
-              its own file (no header, checksum, preallocation or rename)
+              its own file (no header, checksum, preallocation or rename); every timed write,
+              raw or store, starts after os.sync() (no dirty pages left from the last round)
   store put : KVStore.put_many (header, XXH3 checksum, preallocation, NIXL write, atomic rename)
   raw read  : os.preadv of the store's own block files straight into a preallocated canonical
               buffer (segment by segment: the same scatter the store must do)
@@ -151,8 +152,14 @@ def bench_point(model: str, mib: int, total_mib: int, repeat: int, base: Path, d
             assert r.tokens == len(tokens)
             held[0] = r.kv  # the caller keeps its result until the next call (as an engine would)
 
+        def clean(wipe: Callable[[], None]) -> Callable[[], None]:
+            # Each timed write starts with no dirty pages: otherwise whichever side runs while
+            # the kernel flushes the previous round's 256 MiB is throttled (raw writes swung
+            # 0.35-3.4 GiB/s between rounds without this).
+            return lambda: (wipe(), os.sync())  # type: ignore[func-returns-value]
+
         w = interleaved({"raw_write": raw_write, "store_put": store_put}, repeat,
-                        {"raw_write": wipe_raw, "store_put": wipe_store})
+                        {"raw_write": clean(wipe_raw), "store_put": clean(wipe_store)})
         get_out()  # warm the page cache and the registrations
         get_new()
         r = interleaved({"raw_read": raw_read, "store_get_out": get_out, "store_get": get_new}, repeat)

@@ -412,18 +412,24 @@ def test_puts_and_gets_spanning_several_transfer_batches(store, monkeypatch):
     assert same_bytes(store.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
 
 
-@pytest.mark.parametrize("mode", ["thread", "inline"])
-def test_hash_overlap_modes_write_verify_and_reject_alike(root, ns, monkeypatch, mode):
-    """Checksums computed on a helper thread (overlapped with the transfer) or in line: the same
-    header digests, the same bytes back, the same corrupt-block cut, nothing published on a
-    failed write."""
+@pytest.mark.parametrize("mode", ["thread", "inline", "lanes2", "lanes3"])
+def test_hash_overlap_and_io_lanes_write_verify_and_reject_alike(root, ns, monkeypatch, mode):
+    """Checksums on a helper thread, in line, or spread with the I/O over 2-3 NIXL agents on
+    their own threads: the same header digests, the same bytes back, the same corrupt-block
+    cut, nothing published on a failed write, the same fault hook seen by every lane."""
+    import threading
+
     import vua_nixl.store.planning as store_mod
     from vua_nixl.errors import TransferError
     from vua_nixl.format import checksum, read_header_file
 
-    monkeypatch.setattr(store_mod, "PIPELINE_BYTES", 1)  # one chunk per read sub-batch
+    monkeypatch.setattr(store_mod, "PIPELINE_BYTES", 1)  # one chunk per sub-batch
+    lanes = int(mode[-1]) if mode.startswith("lanes") else 1
+    opts = {"io_lanes": lanes} if lanes > 1 else {"io_lanes": 1, "hash_overlap": mode}
     kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=21)
-    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", hash_overlap=mode) as s:
+    seen: list[tuple[str, str]] = []
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", **opts) as s:
+        s.agent.fault_hook = lambda op, descs: seen.append((op, threading.current_thread().name))
         assert s.put(TOKENS, kv) == 5 * CHUNK
         keys = s.keys_for(TOKENS)
         poff = payload_offset(CHUNK)
@@ -434,13 +440,16 @@ def test_hash_overlap_modes_write_verify_and_reject_alike(root, ns, monkeypatch,
         assert same_bytes(s.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
         helpers = (s._writer._hasher, s._reader._verifier)  # the helper threads exist only if used
         assert all((h is not None) == (mode == "thread") for h in helpers)
+        lane_ops = {op for op, thread in seen if thread.startswith("vua-nixl-lane")}
+        assert lane_ops == ({"READ", "WRITE"} if lanes > 1 else set())  # the other lanes moved bytes too
+        assert len(s._core._lanes) == lanes - 1
         _corrupt(s.block_path(keys[2]), "flip_payload")
         res = s.get(TOKENS)
         assert res.tokens == 2 * CHUNK and same_bytes(res.kv, kv[:, :, : 2 * CHUNK])
         assert s.stats()["corrupt"] == 1
 
         def boom(op, descs):
-            if op == "WRITE":
+            if op == "WRITE" and threading.current_thread().name.startswith("vua-nixl-lane" if lanes > 1 else ""):
                 raise TransferError("injected EIO")
 
         s.agent.fault_hook = boom
@@ -449,6 +458,8 @@ def test_hash_overlap_modes_write_verify_and_reject_alike(root, ns, monkeypatch,
             s.put(other, kv[:, :, : 3 * CHUNK])
         s.agent.fault_hook = None
         assert s.lookup(other) == 0 and list(s.paths.tmp.iterdir()) == []
+        lane_agents = list(s._core._lanes)
+    assert all(a._closed for a in lane_agents)  # the store closes the agents it made
 
 
 def test_hash_overlap_auto_stays_in_line_on_a_busy_host(root, ns, monkeypatch):
@@ -456,11 +467,15 @@ def test_hash_overlap_auto_stays_in_line_on_a_busy_host(root, ns, monkeypatch):
 
     monkeypatch.setattr(core_mod.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
     with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
-        assert s.config.hash_overlap == "auto" and not s._core.hash_in_thread()
+        assert s.config.hash_overlap == "auto" and s.config.io_lanes == 0
+        assert not s._core.hash_in_thread() and s._core.lanes("DRAM") == [s.agent]
     monkeypatch.setattr(core_mod.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    monkeypatch.setattr(core_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(core_mod.os, "sched_getaffinity", lambda pid: set(range(8)))
     with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
         assert s._core.hash_in_thread()
+        lanes = s._core.lanes("DRAM")
+        assert len(lanes) == core_mod.MAX_AUTO_LANES and lanes[0] is s.agent and len({id(a) for a in lanes}) == 4
+        assert s._core.lanes("VRAM") == [s.agent]  # GPU memory: one agent (GDS_MT has its own threads)
     monkeypatch.setattr(core_mod.os, "sched_getaffinity", lambda pid: {0})
     with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
-        assert not s._core.hash_in_thread()  # one CPU: nothing to overlap on
+        assert not s._core.hash_in_thread() and s._core.lanes("DRAM") == [s.agent]  # one CPU

@@ -117,7 +117,9 @@ class NixlAgent:
         self.split_bytes = split_bytes
         self.name = name or f"vua-nixl-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.direct_io = direct_io
-        self.fault_hook: Optional[FaultHook] = None
+        self._fault_hook: Optional[FaultHook] = None
+        self._parent: Optional["NixlAgent"] = None
+        self._probe_dir = Path(probe_dir or "/tmp")
         self._lock = threading.RLock()
         self._regs: OrderedDict[tuple[int, int, str], tuple[Any, Any]] = OrderedDict()
         self._transient: dict[tuple[int, int, str], tuple[Any, Any]] = {}
@@ -139,6 +141,29 @@ class NixlAgent:
         return cls(cfg.backend, posix_io=cfg.posix_io, probe_dir=probe_dir, name=name or cfg.agent_name,
                    direct_io=cfg.direct_io, timeout_s=cfg.transfer_timeout_s, backend_params=params,
                    max_ios_per_request=cfg.gds_max_ios, split_bytes=cfg.gds_split_mib << 20)
+
+    def twin(self) -> "NixlAgent":
+        """Another agent on the same backend and I/O engine, for a second I/O lane: NIXL moves
+        one agent's requests one at a time, so two threads on one agent copy no faster than
+        one, while two agents do (measured: docs/BENCHMARKS.md). The twin shares this agent's
+        fault hook (tests inject faults on the store's agent) and must be closed by its owner."""
+        twin = NixlAgent(self.backend, posix_io=self.report.engine or "auto", probe_dir=self._probe_dir,
+                         name=f"{self.name}-lane-{uuid.uuid4().hex[:4]}", direct_io=self.direct_io,
+                         timeout_s=self.timeout_s, backend_params=self.backend_params,
+                         max_ios_per_request=self.max_ios_per_request, split_bytes=self.split_bytes)
+        twin._parent = self
+        return twin
+
+    @property
+    def fault_hook(self) -> Optional[FaultHook]:
+        """Test hook: hook(op, file_descs) before each transfer; raising simulates an I/O fault."""
+        if self._fault_hook is None and self._parent is not None:
+            return self._parent.fault_hook
+        return self._fault_hook
+
+    @fault_hook.setter
+    def fault_hook(self, hook: Optional[FaultHook]) -> None:
+        self._fault_hook = hook
 
     # ---- backend selection ---------------------------------------------------------------
 
@@ -365,8 +390,9 @@ class NixlAgent:
         with self._lock:
             if self._closed:
                 raise TransferError("NIXL agent is closed")
-            if self.fault_hook is not None:
-                self.fault_hook(op, file_descs)
+            hook = self.fault_hook
+            if hook is not None:
+                hook(op, file_descs)
             try:
                 local = self._agent.get_xfer_descs(np.ascontiguousarray(mem_descs, dtype=np.uint64), mem_type)
                 remote = self._agent.get_xfer_descs(np.ascontiguousarray(file_descs, dtype=np.uint64), "FILE")

@@ -87,6 +87,9 @@ class StoreConfig(TypedConfig):
     hash_overlap: HashOverlap = Field(
         default="auto", description="where payload checksums run while NIXL moves the bytes: a helper thread, "
         "the calling thread (inline), or auto (a helper thread while a CPU is idle)")
+    io_lanes: int = Field(
+        default=0, ge=0, description="NIXL agents (each on its own thread) that one large POSIX batch of host memory "
+        "is spread over (0: auto, one per usable CPU up to 4 while a CPU is idle; 1: a single agent)")
     file_mode: int = Field(default=0o644, description="permission bits for block files (umask applies)")
     staging_mib: int = Field(default=256, ge=1, description="registered bounce buffer for unregistrable memory")
     output_pool_mib: int = Field(default=1024, ge=0, description="registered memory get() without out= returns results in (0: a fresh tensor per load)")

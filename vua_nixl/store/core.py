@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -64,6 +65,9 @@ class StoreCore:
     stats: StoreStats = field(default_factory=StoreStats)
     _stats_lock: threading.Lock = field(default_factory=threading.Lock)
     arenas: dict[str, Arena] = field(default_factory=dict)
+    _lanes: list[NixlAgent] = field(default_factory=list)
+    _lane_pool: Optional[ThreadPoolExecutor] = None
+    _lane_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def fp_hex(self) -> str:
@@ -99,6 +103,57 @@ class StoreCore:
             return mode == "thread"
         return spare_cpu()
 
+    def lanes(self, mem_type: str) -> list[NixlAgent]:
+        """The agents one large batch is spread over, the store's own first: one lane per usable
+        CPU (``io_lanes``: 0 = auto, only while a CPU is idle) for POSIX transfers of host
+        memory. NIXL copies one agent's requests one after the other, so parallel page-cache
+        copies need agents of their own. GDS keeps one agent (GDS_MT has its own threads)."""
+        if mem_type != "DRAM" or self.agent.backend != "POSIX":
+            return [self.agent]
+        n = self.config.io_lanes
+        if n == 0:
+            n = min(MAX_AUTO_LANES, usable_cpus()) if spare_cpu() else 1
+        if n < 2:
+            return [self.agent]
+        with self._lane_lock:
+            while len(self._lanes) < n - 1:
+                self._lanes.append(self.agent.twin())
+            if self._lane_pool is None or self._lane_pool._max_workers < n - 1:
+                if self._lane_pool is not None:
+                    self._lane_pool.shutdown(wait=True)
+                self._lane_pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="vua-nixl-lane")
+        return [self.agent, *self._lanes[: n - 1]]
+
+    def run_on_lanes(self, lanes: list[NixlAgent], nitems: int, work: Callable[[NixlAgent, list[int]], None]) -> None:
+        """``work(agent, items)`` with items 0..nitems-1 dealt round-robin over ``lanes``; the
+        first lane runs on this thread. Returns or raises (the first error) only after every
+        lane has finished, so no transfer is still writing into memory the caller reuses."""
+        parts = [list(range(i, nitems, len(lanes))) for i in range(len(lanes))]
+        pool = self._lane_pool
+        assert pool is not None or len(lanes) == 1
+        futures = [pool.submit(work, a, p) for a, p in zip(lanes[1:], parts[1:]) if p] if pool else []
+        error: Optional[BaseException] = None
+        try:
+            work(lanes[0], parts[0])
+        except BaseException as exc:
+            error = exc
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def close_lanes(self) -> None:
+        with self._lane_lock:
+            if self._lane_pool is not None:
+                self._lane_pool.shutdown(wait=True)
+                self._lane_pool = None
+            for lane in self._lanes:
+                lane.close()
+            self._lanes.clear()
+
     def needs_bounce(self, t: torch.Tensor) -> bool:
         """Whether the agent cannot use ``t``'s memory directly (see StagingPool)."""
         if t.device.type == "cuda" and not self.vram_ok:
@@ -115,12 +170,20 @@ class StoreCore:
         return t.data_ptr() % DIRECT_ALIGN != 0 or any((x * isz) % DIRECT_ALIGN for x in steps)
 
 
+#: lanes ``io_lanes=0`` uses at most (beyond a few, memory bandwidth, not CPUs, is the limit).
+MAX_AUTO_LANES = 4
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def spare_cpu() -> bool:
     """Whether at least one CPU this process may run on looks idle right now."""
-    try:
-        ncpu = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        ncpu = os.cpu_count() or 1
+    ncpu = usable_cpus()
     if ncpu < 2:
         return False
     try:

@@ -152,6 +152,7 @@ class KVStore:
         self._pool.release()
         self._reader.close()
         self._writer.close()
+        self._core.close_lanes()
         if self._own_agent:
             self.agent.close()
 

@@ -15,11 +15,13 @@ import hmac
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from vua_nixl.agent import NixlAgent
 from vua_nixl.digest import XXH3
 from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError, VuaNixlError
 from vua_nixl.format import decode_header
@@ -142,9 +144,13 @@ class BlockReader:
                 hashing = core.config.verify_checksums or core.chain.sealed
                 # VRAM: verified in line, as before (the threaded path has not run on a GPU yet).
                 threaded = mem_type == "DRAM" and hashing and len(groups) > 1 and core.hash_in_thread()
+                lanes = core.lanes(mem_type) if len(groups) > 1 else [core.agent]
                 try:
                     with on_device(mems), core.agent.files([fd for p in plans for fd in p.fds]):
-                        if mem_type == "DRAM" and not threaded:
+                        if len(lanes) > 1:
+                            checks = self._read_on_lanes(lanes, jobs, groups, plans, arena,
+                                                         (hdr_m, hdr_f, pay_m, pay_f), seg_addrs)
+                        elif mem_type == "DRAM" and not threaded:
                             # Sub-batch k+1 is posted before this thread verifies sub-batch k: the
                             # I/O engine moves what it can meanwhile (it progresses when polled).
                             batches = [dram_rows(hdr_m[lo:hi], hdr_f[lo:hi], pay_m[lo * geo.nseg : hi * geo.nseg],
@@ -170,6 +176,35 @@ class BlockReader:
                 for reg in regs:
                     core.agent.release(reg)
         self._apply_checks(jobs, reasons)
+
+    def _read_on_lanes(self, lanes: list[NixlAgent], jobs: list[Job], groups: list[tuple[int, int]], plans: list[Plan],
+                       arena: Arena, rows: tuple[np.ndarray, ...], seg_addrs: list[np.ndarray]) -> list[list[Optional[str]]]:
+        """Sub-batches dealt over I/O lanes: each lane reads a sub-batch, verifies it, reads its
+        next one, so copies and checksums run on every lane's CPU at once. Returns each
+        sub-batch's reasons, in order; a transfer error is raised after every lane stopped."""
+        core, nseg = self.core, self.core.geo.nseg
+        hdr_m, hdr_f, pay_m, pay_f = rows
+        results: list[list[Optional[str]]] = [[] for _ in groups]
+
+        def work(agent: NixlAgent, ks: list[int]) -> None:
+            own = agent is not core.agent  # the store's agent already holds the batch's registrations
+            assert arena.buf is not None
+            items = [(p.mem, p.user_out and p.mem is p.out_view) for p in plans] + [(arena.buf, False)]
+            regs = agent.register_batch(items) if own else []  # type: ignore[arg-type]
+            fds = [jobs[j][0].fds[jobs[j][1]] for k in ks for j in range(*groups[k])]
+            try:
+                with agent.files(fds) if own else nullcontext():
+                    for k in ks:
+                        lo, hi = groups[k]
+                        seg = slice(lo * nseg, hi * nseg)
+                        transfer_rows(agent, "READ", hdr_m[lo:hi], hdr_f[lo:hi], pay_m[seg], pay_f[seg], "DRAM")
+                        results[k] = self._check_range(jobs, lo, hi, arena, seg_addrs)
+            finally:
+                for reg in regs:
+                    agent.release(reg)
+
+        core.run_on_lanes(lanes, len(groups), work)
+        return results
 
     def _retry(self, jobs: list[Job], hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray,
                pay_f: np.ndarray, mem_type: str) -> None:

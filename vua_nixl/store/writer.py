@@ -16,13 +16,14 @@ import ctypes
 import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
+from vua_nixl.agent import NixlAgent
 from vua_nixl.errors import StoreRootError, VuaNixlError
 from vua_nixl.format import ExpectedBlock, encode_header
 from vua_nixl.kvlayout import token_dim
@@ -121,8 +122,11 @@ class BlockWriter:
                     for j, hdr in enumerate(headers):
                         ctypes.memmove(arena.addr + j * poff, hdr, len(hdr))
 
+                lanes = core.lanes(mem_type) if len(jobs) > 1 else [core.agent]
                 with device_ctx, core.agent.files(fds):
-                    if mem_type == "DRAM" and len(jobs) > 1 and core.hash_in_thread():
+                    if len(lanes) > 1:
+                        self._write_on_lanes(lanes, sealers, list(host_mem.values()), fds, (hm, hf, pm, pf))
+                    elif mem_type == "DRAM" and len(jobs) > 1 and core.hash_in_thread():
                         # Digests on a helper thread while this one drives the payload write;
                         # the headers that carry them go in a second request, before any rename.
                         if self._hasher is None:
@@ -168,6 +172,36 @@ class BlockWriter:
                     pass
             for reg in regs:
                 core.agent.release(reg)
+
+    def _write_on_lanes(self, lanes: list[NixlAgent], sealers: list[Callable[[], bytes]], sources: list[torch.Tensor],
+                        fds: list[int], rows: tuple[np.ndarray, ...]) -> None:
+        """Sub-batches dealt over I/O lanes: each lane computes its chunks' digests and headers,
+        then writes them (headers and payloads in one request), so checksums and copies run on
+        every lane's CPU at once. Raises after every lane stopped; nothing is renamed here."""
+        core, geo = self.core, self.core.geo
+        arena = core.arenas["WRITE"]
+        hm, hf, pm, pf = rows
+        nseg, poff = geo.nseg, geo.payload_off
+        groups = planning.pipeline_groups(len(sealers), geo.file_bytes)
+
+        def work(agent: NixlAgent, ks: list[int]) -> None:
+            own = agent is not core.agent  # the store's agent already holds the batch's registrations
+            assert arena.buf is not None
+            regs = agent.register_batch([(src, False) for src in sources] + [(arena.buf, False)]) if own else []
+            try:
+                with agent.files([fds[j] for k in ks for j in range(*groups[k])]) if own else nullcontext():
+                    for k in ks:
+                        lo, hi = groups[k]
+                        for j in range(lo, hi):
+                            hdr = sealers[j]()
+                            ctypes.memmove(arena.addr + j * poff, hdr, len(hdr))
+                        seg = slice(lo * nseg, hi * nseg)
+                        transfer_rows(agent, "WRITE", hm[lo:hi], hf[lo:hi], pm[seg], pf[seg], "DRAM")
+            finally:
+                for reg in regs:
+                    agent.release(reg)
+
+        core.run_on_lanes(lanes, len(groups), work)
 
     def _sealer(self, src: torch.Tensor, ci: int, addrs: np.ndarray, expected: ExpectedBlock) -> Callable[[], bytes]:
         """The encoded header of chunk ``ci`` of ``src``, to be computed when asked: its payload
