@@ -91,10 +91,12 @@ class BlockWriter:
         try:
             with arena.lock:
                 arena.ensure(len(jobs) * poff)
-                hdr_m: list[tuple[int, int, int]] = []
-                hdr_f: list[tuple[int, int, int]] = []
-                pay_m: list[tuple[int, int, int]] = []
-                pay_f: list[tuple[int, int, int]] = []
+                nseg, seg_bytes = geo.nseg, geo.seg_bytes
+                hm = np.zeros((len(jobs), 3), dtype=np.uint64)
+                hf = np.zeros((len(jobs), 3), dtype=np.uint64)
+                pm: np.ndarray = np.zeros((len(jobs), nseg, 3), dtype=np.uint64)
+                pf: np.ndarray = np.zeros((len(jobs), nseg, 3), dtype=np.uint64)
+                seg_offsets = poff + np.arange(nseg, dtype=np.uint64) * seg_bytes
                 sealers: list[Callable[[], bytes]] = []
                 for j, (key, (pi, ci)) in enumerate(jobs):
                     plan = plans[pi]
@@ -108,14 +110,14 @@ class BlockWriter:
                     temps.append(tmp)
                     fds.append(fd)
                     _preallocate(fd, geo.file_bytes)
-                    hdr_m.append((arena.addr + j * poff, poff, 0))
-                    hdr_f.append((0, poff, fd))
-                    pay_m.extend((a, geo.seg_bytes, src.device.index or 0) for a in addrs)
-                    pay_f.extend((poff + s * geo.seg_bytes, geo.seg_bytes, fd) for s in range(geo.nseg))
+                    hm[j] = (arena.addr + j * poff, poff, 0)
+                    hf[j] = (0, poff, fd)
+                    pm[j, :, 0], pm[j, :, 1], pm[j, :, 2] = addrs, seg_bytes, src.device.index or 0
+                    pf[j, :, 0], pf[j, :, 1], pf[j, :, 2] = seg_offsets, seg_bytes, fd
                     chunks.append(StoredChunk(ci, key, parent, toks, geo.file_bytes, core.block_path(key)))
                 regs = core.agent.register_batch([(src, False) for src in host_mem.values()])
                 device_ctx = on_device(host_mem.values())
-                hm, hf, pm, pf = (np.array(r, dtype=np.uint64) for r in (hdr_m, hdr_f, pay_m, pay_f))
+                pm, pf = pm.reshape(-1, 3), pf.reshape(-1, 3)
                 mem_type = core.agent.mem_type_of(next(iter(host_mem.values())))
 
                 def place_headers(headers: list[bytes]) -> None:
@@ -223,14 +225,30 @@ class BlockWriter:
         dirs: set[str] = set()
         for tmp, chunk in zip(temps, chunks):
             d = os.path.dirname(chunk.path)
-            if d not in dirs:
-                os.makedirs(d, exist_ok=True)
-                if d not in checked:
-                    checked_dir(self.core.paths.root, d)
-                    checked.add(d)
-                dirs.add(d)
-            os.replace(tmp, chunk.path)
+            if d not in dirs and d not in checked:
+                self._make_dir(d)
+            dirs.add(d)
+            try:
+                os.replace(tmp, chunk.path)
+            except FileNotFoundError:  # a directory known to this process was removed (gc of empty dirs)
+                if not os.path.exists(tmp):
+                    raise
+                checked.discard(d)
+                self._make_dir(d)
+                os.replace(tmp, chunk.path)
         return dirs
+
+    def _make_dir(self, d: str) -> None:
+        """Create fan-out directory ``d`` if needed and check it once per process (a symlink
+        planted there must not make a put publish outside the root)."""
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(d, exist_ok=True)
+        checked_dir(self.core.paths.root, d)
+        self._checked.add(d)
 
 
 def _preallocate(fd: int, size: int) -> None:
