@@ -245,28 +245,32 @@ def transfer_rows(agent: NixlAgent, op: str, hdr_m: np.ndarray, hdr_f: np.ndarra
 
 def read_rows(geo: ChunkGeometry, jobs: list[tuple[Plan, int]], arena: Arena) -> tuple[Any, ...]:
     """Descriptor rows for reading ``jobs``: one header row per chunk, its payload segments in
-    file order, and each chunk's segment addresses (for verification)."""
+    file order, and each chunk's segment addresses (for verification). Built per plan with
+    array arithmetic: a chunk's segments are its plan's first chunk's, shifted by whole chunks."""
     n = len(jobs)
     nseg, seg_bytes, poff = geo.nseg, geo.seg_bytes, geo.payload_off
     hdr_m = np.zeros((n, 3), dtype=np.uint64)
     hdr_f = np.zeros((n, 3), dtype=np.uint64)
     pay_m = np.zeros((n, nseg, 3), dtype=np.uint64)
     pay_f = np.zeros((n, nseg, 3), dtype=np.uint64)
-    seg_offsets = poff + np.arange(nseg, dtype=np.uint64) * seg_bytes
-    seg_addrs = []
-    for j, (plan, ci) in enumerate(jobs):
+    hdr_m[:, 0] = arena.addr + np.arange(n, dtype=np.uint64) * np.uint64(poff)
+    hdr_m[:, 1] = hdr_f[:, 1] = poff
+    hdr_f[:, 2] = [plan.fds[ci] for plan, ci in jobs]
+    pay_m[:, :, 1] = pay_f[:, :, 1] = seg_bytes
+    pay_f[:, :, 0] = poff + np.arange(nseg, dtype=np.uint64) * np.uint64(seg_bytes)
+    pay_f[:, :, 2] = hdr_f[:, 2:3]
+    by_plan: dict[int, list[int]] = {}
+    for j, (plan, _) in enumerate(jobs):
+        by_plan.setdefault(id(plan), []).append(j)
+    for js in by_plan.values():
+        plan = jobs[js[0]][0]
         assert plan.mem is not None
-        fd = plan.fds[ci]
-        addrs = geo.segment_addrs(plan.mem, ci)
-        seg_addrs.append(addrs)
-        hdr_m[j] = (arena.addr + j * poff, poff, 0)
-        hdr_f[j] = (0, poff, fd)
-        pay_m[j, :, 0] = addrs
-        pay_m[j, :, 1] = seg_bytes
-        pay_m[j, :, 2] = plan.mem.device.index or 0
-        pay_f[j, :, 0] = seg_offsets
-        pay_f[j, :, 1] = seg_bytes
-        pay_f[j, :, 2] = fd
+        first = geo.segment_addrs(plan.mem, 0).astype(np.int64)
+        step = geo.segment_addrs(plan.mem, 1).astype(np.int64) - first  # arithmetic only, never read
+        cis = np.array([jobs[j][1] for j in js], dtype=np.int64)
+        pay_m[js, :, 0] = (first[None, :] + cis[:, None] * step).astype(np.uint64)
+        pay_m[js, :, 2] = plan.mem.device.index or 0
+    seg_addrs = list(pay_m[:, :, 0])
     return hdr_m, hdr_f, pay_m.reshape(-1, 3), pay_f.reshape(-1, 3), seg_addrs
 
 
