@@ -11,7 +11,9 @@ background load:
              preallocation, registration or rename.
   store    : KVStore.put of the same tensor (new prefix each round, deleted after), once per
              POSIX I/O engine of the NIXL backend (``--engines``, StoreConfig.posix_io: io_uring,
-             libaio, synchronous), one store each, same run; the write path
+             libaio, synchronous), one store each, same run, serial (``io_lanes=1``,
+             ``hash_overlap=inline``: the steps add up to the put; the default spreads them
+             over threads, see benchmarks/store_io.py); the write path
              instrumented in place: every step below is timed by wrapping the function the writer
              calls (nothing in the store is changed):
 
@@ -172,7 +174,8 @@ def bench_point(model: str, ctoks: int, total_mib: int, repeat: int, base: Path,
     steps: dict[str, dict[str, list[float]]] = {e: defaultdict(list) for e in engines}
     with ExitStack() as stack:
         stores = {e: stack.enter_context(KVStore(base / f"store-{model}-{ctoks}-{e}", ns, chunk_tokens=ctoks, backend="POSIX",
-                                                 fsync=fsync, presence_ttl_s=0, access_log=False, posix_io=e))
+                                                 fsync=fsync, presence_ttl_s=0, access_log=False, posix_io=e,
+                                                 io_lanes=1, hash_overlap="inline"))
                   for e in engines}
         first = stores[engines[0]]
         poff, geo = first.geometry.payload_off, first.geometry

@@ -3,6 +3,8 @@
 # CPU only, no containers: the recipe verified in /work/shared/ENVIRONMENT.md. Sources are
 # downloaded at run time on the user's machine; nothing third-party is kept in this repository.
 #   scripts/build-nixlbench.sh [PREFIX]      (default ~/.local/nixlbench; ~6 min on 2 cores)
+# Offline: WORK=<dir> with abseil-cpp/, nixl/ and nixl/subprojects/taskflow-X.Y.Z/ already cloned
+# (at the refs below) skips every download except apt's.
 # Then: export PATH=$PREFIX/bin:$PATH LD_LIBRARY_PATH=$PREFIX/lib/x86_64-linux-gnu:$PREFIX/absl/lib
 #       export NIXL_PLUGIN_DIR=$PREFIX/lib/x86_64-linux-gnu/plugins
 set -euo pipefail
@@ -30,8 +32,10 @@ export CPATH="$PREFIX/shim/include:${CPATH:-}" CUDA_HOME=/nonexistent
 cd nixl
 if [ ! -d subprojects/taskflow-${TASKFLOW_REF#v} ]; then
   git clone --depth 1 -b "$TASKFLOW_REF" https://github.com/taskflow/taskflow.git "subprojects/taskflow-${TASKFLOW_REF#v}"
-  cp subprojects/packagefiles/taskflow/meson.build "subprojects/taskflow-${TASKFLOW_REF#v}/" 2>/dev/null || true
 fi
+# the wrap's patch directory (meson.build), also for a checkout placed there beforehand (offline)
+[ -f "subprojects/taskflow-${TASKFLOW_REF#v}/meson.build" ] || \
+  cp subprojects/packagefiles/taskflow/meson.build "subprojects/taskflow-${TASKFLOW_REF#v}/" 2>/dev/null || true
 meson setup build --prefix="$PREFIX" -Denable_plugins=POSIX -Dbuild_tests=false -Dbuild_examples=false \
   -Dwith_trace=false --wrap-mode=nodownload -Dwerror=false --reconfigure 2>/dev/null || \
 meson setup build --prefix="$PREFIX" -Denable_plugins=POSIX -Dbuild_tests=false -Dbuild_examples=false \
