@@ -5,8 +5,8 @@
 #   scripts/build-nixlbench.sh [PREFIX]      (default ~/.local/nixlbench; ~6 min on 2 cores)
 # Offline: WORK=<dir> with abseil-cpp/, nixl/ and nixl/subprojects/taskflow-X.Y.Z/ already cloned
 # (at the refs below) skips every download except apt's.
-# Then: export PATH=$PREFIX/bin:$PATH LD_LIBRARY_PATH=$PREFIX/lib/x86_64-linux-gnu:$PREFIX/absl/lib
-#       export NIXL_PLUGIN_DIR=$PREFIX/lib/x86_64-linux-gnu/plugins
+# Then: export PATH=$PREFIX/wrap:$PATH   (a wrapper that sets LD_LIBRARY_PATH and
+#       NIXL_PLUGIN_DIR for nixlbench only)
 set -euo pipefail
 PREFIX=${1:-$HOME/.local/nixlbench}
 NIXL_REF=${NIXL_REF:-main}
@@ -15,7 +15,7 @@ TASKFLOW_REF=${TASKFLOW_REF:-v3.10.0}
 WORK=${WORK:-$(mktemp -d /tmp/nixlbench-build.XXXXXX)}
 SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
 $SUDO apt-get install -y build-essential cmake pkg-config git meson ninja-build libgflags-dev libasio-dev \
-  libtomlplusplus-dev libaio-dev liburing-dev
+  libtomlplusplus-dev libaio-dev liburing-dev pybind11-dev python3-dev
 mkdir -p "$PREFIX" "$WORK" && cd "$WORK"
 # abseil: Debian's is too old (no absl_log)
 [ -d abseil-cpp ] || git clone --depth 1 -b "$ABSL_REF" https://github.com/abseil/abseil-cpp.git
@@ -45,4 +45,14 @@ cd benchmark/nixlbench
 LDFLAGS="-Wl,-rpath-link,$PREFIX/lib/x86_64-linux-gnu -Wl,-rpath-link,$PREFIX/absl/lib" \
   meson setup build --prefix="$PREFIX" -Dnixl_path="$PREFIX" --wrap-mode=nodownload
 ninja -C build && ninja -C build install
-echo "nixlbench installed in $PREFIX/bin (set PATH, LD_LIBRARY_PATH and NIXL_PLUGIN_DIR as in the header)"
+# A wrapper that sets the library paths for nixlbench alone (exported in a Python process they
+# would also reach the nixl wheel's own bindings).
+mkdir -p "$PREFIX/wrap"
+cat > "$PREFIX/wrap/nixlbench" <<EOF
+#!/bin/sh
+export LD_LIBRARY_PATH="$PREFIX/lib/x86_64-linux-gnu:$PREFIX/absl/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+export NIXL_PLUGIN_DIR="$PREFIX/lib/x86_64-linux-gnu/plugins"
+exec "$PREFIX/bin/nixlbench" "\$@"
+EOF
+chmod +x "$PREFIX/wrap/nixlbench"
+echo "nixlbench installed in $PREFIX/bin; put $PREFIX/wrap on PATH (a wrapper that sets its library paths)"
