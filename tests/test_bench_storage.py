@@ -246,3 +246,14 @@ def test_posix_configs_run_through_a_real_nixlbench(tmp_path: Path, name: str) -
     assert run.returncode == 0, run.output
     assert run.rows and all(r.bw_gbps > 0 for r in run.rows)
     assert not list(tmp_path.glob("nixlbench_posix_test_file_*"))
+
+
+def test_outputs_keep_a_dotted_prefix_whole(tmp_path: Path) -> None:
+    """``--out results/kv_qwen2.5-0.5b_4k`` must not become ``kv_qwen2.5-0.csv``."""
+    from vua_nixl_bench.storage import write_outputs
+
+    res = run_storage_bench(tiny(op_type="WRITE"), RunOptions(directory=tmp_path / "data"), nixlbench=None)
+    out = write_outputs(res, tmp_path / "kv_qwen2.5-0.5b_4k", "t")
+    assert out["csv"] == str(tmp_path / "kv_qwen2.5-0.5b_4k.csv") and Path(out["csv"]).is_file()
+    assert out["json"] == str(tmp_path / "kv_qwen2.5-0.5b_4k.json") and Path(out["json"]).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file())[0].startswith("kv_qwen2.5-0.5b_4k.")

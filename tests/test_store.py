@@ -462,20 +462,56 @@ def test_hash_overlap_and_io_lanes_write_verify_and_reject_alike(root, ns, monke
     assert all(a._closed for a in lane_agents)  # the store closes the agents it made
 
 
-def test_hash_overlap_auto_stays_in_line_on_a_busy_host(root, ns, monkeypatch):
+def test_auto_lanes_and_hash_thread_follow_the_free_cpus(root, ns):
     from vua_nixl.store import core as core_mod
 
-    monkeypatch.setattr(core_mod.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    class Gauge:
+        value = 0.3
+
+        def free(self) -> float:
+            return self.value
+
+    gauge = Gauge()
     with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
+        s._core.cpus = gauge  # type: ignore[assignment]
         assert s.config.hash_overlap == "auto" and s.config.io_lanes == 0
-        assert not s._core.hash_in_thread() and s._core.lanes("DRAM") == [s.agent]
-    monkeypatch.setattr(core_mod.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    monkeypatch.setattr(core_mod.os, "sched_getaffinity", lambda pid: set(range(8)))
-    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
-        assert s._core.hash_in_thread()
+        assert not s._core.hash_in_thread() and s._core.lanes("DRAM") == [s.agent]  # a busy host
+        gauge.value = 1.4
+        assert not s._core.hash_in_thread() and s._core.lanes("DRAM") == [s.agent]  # one CPU free: ours
+        gauge.value = 2.0
         lanes = s._core.lanes("DRAM")
-        assert len(lanes) == core_mod.MAX_AUTO_LANES and lanes[0] is s.agent and len({id(a) for a in lanes}) == 4
+        assert s._core.hash_in_thread() and len(lanes) == 2 and lanes[0] is s.agent
+        gauge.value = 16.0
+        lanes = s._core.lanes("DRAM")
+        assert len(lanes) == core_mod.MAX_AUTO_LANES and len({id(a) for a in lanes}) == core_mod.MAX_AUTO_LANES
         assert s._core.lanes("VRAM") == [s.agent]  # GPU memory: one agent (GDS_MT has its own threads)
-    monkeypatch.setattr(core_mod.os, "sched_getaffinity", lambda pid: {0})
-    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX") as s:
-        assert not s._core.hash_in_thread() and s._core.lanes("DRAM") == [s.agent]  # one CPU
+        assert s._core.lanes("DRAM")[:2] == lanes[:2]  # lanes are made once and kept
+
+
+def test_free_cpus_counts_other_processes_not_this_one(tmp_path, monkeypatch):
+    from vua_nixl.store import cpus
+
+    stat = tmp_path / "stat"
+
+    def write(busy0: int, busy1: int, busy7: int) -> None:  # ticks: user nice system idle iowait irq softirq steal
+        stat.write_text(f"cpu  1 1 1 1 1 1 1 1 0 0\ncpu0 {busy0} 0 0 900 50 0 0 0 0 0\n"
+                        f"cpu1 0 0 {busy1} 900 0 0 0 0 0 0\ncpu7 {busy7} 0 0 0 0 0 0 0 0 0\nintr 5\n")
+
+    assert cpus.busy_seconds({0, 1}, str(stat)) is None  # no file yet
+    write(100, 100, 10_000)
+    assert cpus.busy_seconds({0, 1}, str(stat)) == 200 / cpus._TICK  # cpu7 is not ours; idle and iowait are free
+    clock = {"mono": 1000.0, "ours": 5.0}
+    monkeypatch.setattr(cpus.time, "monotonic", lambda: clock["mono"])
+    monkeypatch.setattr(cpus.time, "process_time", lambda: clock["ours"])
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1})
+    gauge = cpus.FreeCpus(period_s=0.5, stat_path=str(stat))
+    assert gauge.free() == 2.0  # no interval measured yet: optimistic
+    # 1 s later: the two CPUs were busy 1.5 CPU-seconds, 0.5 of them this process's own threads
+    clock["mono"] += 1.0
+    clock["ours"] += 0.5
+    write(100 + int(0.75 * cpus._TICK), 100 + int(0.75 * cpus._TICK), 10_000)
+    assert gauge.free() == pytest.approx(1.0)
+    write(10**6, 10**6, 0)  # within the period the last measurement stands
+    clock["mono"] += 0.1
+    assert gauge.free() == pytest.approx(1.0)
+    assert 0.0 <= cpus.FreeCpus().free() <= cpus.usable_cpus()  # the real /proc/stat

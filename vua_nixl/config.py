@@ -85,8 +85,8 @@ class StoreConfig(TypedConfig):
     fsync: bool = Field(default=False, description="fsync data and directory before publishing a block")
     verify_checksums: bool = Field(default=True, description="check each payload's XXH3 on every load")
     hash_overlap: HashOverlap = Field(
-        default="auto", description="where payload checksums run while NIXL moves the bytes: a helper thread, "
-        "the calling thread (inline), or auto (a helper thread while a CPU is idle)")
+        default="auto", description="with one I/O lane: where payload checksums run while NIXL moves the bytes: "
+        "a helper thread, the calling thread (inline), or auto (a helper thread while a CPU is idle)")
     io_lanes: int = Field(
         default=0, ge=0, description="NIXL agents (each on its own thread) that one large POSIX batch of host memory "
         "is spread over (0: auto, one per usable CPU up to 4 while a CPU is idle; 1: a single agent)")

@@ -278,10 +278,11 @@ def _median_row(rows: list[BenchRow]) -> BenchRow:
 def write_outputs(result: StorageBenchResult, prefix: Path, title: str) -> dict[str, str]:
     """``<prefix>.csv``, ``<prefix>.json`` and ``<prefix>.png``."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    out = {"csv": str(prefix.with_suffix(".csv")), "json": str(prefix.with_suffix(".json"))}
+    # appended, not with_suffix: a prefix such as "kv_qwen2.5-0.5b_4k" has dots of its own
+    out = {"csv": f"{prefix}.csv", "json": f"{prefix}.json"}
     write_csv(result.rows, Path(out["csv"]))
     write_json(result.rows, Path(out["json"]), result.meta)
-    png = prefix.with_suffix(".png")
+    png = Path(f"{prefix}.png")
     if write_chart(result.rows, png, title):
         out["png"] = str(png)
     result.outputs = out

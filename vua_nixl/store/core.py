@@ -20,6 +20,8 @@ from vua_nixl.agent import NixlAgent, StagingPool
 from vua_nixl.config import StoreConfig
 from vua_nixl.keys import KeyChain, Namespace
 from vua_nixl.paths import StorePaths
+from vua_nixl.store.cpus import FreeCpus
+from vua_nixl.store.cpus import shared as shared_cpus
 from vua_nixl.store.planning import DIRECT_ALIGN, Arena, ChunkGeometry
 from vua_nixl.store.presence import PresenceCache
 
@@ -65,6 +67,8 @@ class StoreCore:
     stats: StoreStats = field(default_factory=StoreStats)
     _stats_lock: threading.Lock = field(default_factory=threading.Lock)
     arenas: dict[str, Arena] = field(default_factory=dict)
+    #: CPUs free for helper threads and I/O lanes (``auto`` settings), measured process-wide.
+    cpus: FreeCpus = field(default_factory=shared_cpus)
     _lanes: list[NixlAgent] = field(default_factory=list)
     _lane_pool: Optional[ThreadPoolExecutor] = None
     _lane_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -96,12 +100,12 @@ class StoreCore:
 
         XXH3 and NIXL both release the GIL, so a second thread hides the checksum behind the
         I/O, but only when a second CPU is actually idle: on a busy host the GIL hand-offs
-        cost more than the overlap saves (measured: docs/BENCHMARKS.md). ``auto`` asks the
-        kernel each time (CPUs this process may use vs. the 1-minute load average)."""
+        cost more than the overlap saves (measured: docs/BENCHMARKS.md). ``auto`` asks
+        :class:`~vua_nixl.store.cpus.FreeCpus` (at most every half second)."""
         mode = self.config.hash_overlap
         if mode != "auto":
             return mode == "thread"
-        return spare_cpu()
+        return self.cpus.free() >= 1.5
 
     def lanes(self, mem_type: str) -> list[NixlAgent]:
         """The agents one large batch is spread over, the store's own first: one lane per usable
@@ -111,8 +115,8 @@ class StoreCore:
         if mem_type != "DRAM" or self.agent.backend != "POSIX":
             return [self.agent]
         n = self.config.io_lanes
-        if n == 0:
-            n = min(MAX_AUTO_LANES, usable_cpus()) if spare_cpu() else 1
+        if n == 0:  # one lane per CPU other processes leave free
+            n = min(MAX_AUTO_LANES, int(self.cpus.free() + 0.5))
         if n < 2:
             return [self.agent]
         with self._lane_lock:
@@ -172,24 +176,6 @@ class StoreCore:
 
 #: lanes ``io_lanes=0`` uses at most (beyond a few, memory bandwidth, not CPUs, is the limit).
 MAX_AUTO_LANES = 4
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def spare_cpu() -> bool:
-    """Whether at least one CPU this process may run on looks idle right now."""
-    ncpu = usable_cpus()
-    if ncpu < 2:
-        return False
-    try:
-        return os.getloadavg()[0] < ncpu  # this process's own I/O thread counts for ~1
-    except OSError:
-        return False
 
 
 def describe_oserror(exc: OSError, root: os.PathLike[str] | str) -> str:
