@@ -358,10 +358,12 @@ class NixlAgent:
         self._finish(self._post(op, mem_descs, file_descs, mem_type), op, len(mem_descs))
 
     def transfer_overlapped(self, op: str, batches: Sequence[tuple[np.ndarray, np.ndarray]], mem_type: str,
-                            work: Callable[[int], None]) -> None:
-        """:meth:`transfer` each (mem_descs, file_descs) batch in order, posting batch i+1 before
-        ``work(i)`` runs (``work(i)`` only after batch i completed): the caller verifies one
-        batch while the next is in flight, on its own thread. Any failure raises TransferError
+                            work: Callable[[int], None], ahead: int = 1) -> None:
+        """:meth:`transfer` each (mem_descs, file_descs) batch in order, with ``ahead`` more
+        batches posted before ``work(i)`` runs (``work(i)`` only after batch i completed): the
+        caller verifies one batch while the next are in flight, on its own thread. ``ahead=1``
+        suits the page cache (the copies happen as requests are posted and polled); a device
+        (O_DIRECT) wants every batch in flight at once. Any failure raises TransferError
         only after every posted request has finished or been released (no I/O into memory
         the caller is about to reuse). GDS backends (split requests) run them one at a time."""
         if self.backend in GDS_BACKENDS or len(batches) < 2:
@@ -370,11 +372,13 @@ class NixlAgent:
                 work(i)
             return
         pending: list[Any] = []
+        ahead = max(1, ahead)
         try:
-            pending.append(self._post(op, *batches[0], mem_type))
+            for i in range(min(ahead, len(batches))):
+                pending.append(self._post(op, *batches[i], mem_type))
             for i in range(len(batches)):
-                if i + 1 < len(batches):
-                    pending.append(self._post(op, *batches[i + 1], mem_type))
+                if i + ahead < len(batches):
+                    pending.append(self._post(op, *batches[i + ahead], mem_type))
                 handle, pending[i] = pending[i], None
                 self._finish(handle, op, len(batches[i][0]))
                 work(i)

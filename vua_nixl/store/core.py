@@ -111,8 +111,10 @@ class StoreCore:
         """The agents one large batch is spread over, the store's own first: one lane per usable
         CPU (``io_lanes``: 0 = auto, only while a CPU is idle) for POSIX transfers of host
         memory. NIXL copies one agent's requests one after the other, so parallel page-cache
-        copies need agents of their own. GDS keeps one agent (GDS_MT has its own threads)."""
-        if mem_type != "DRAM" or self.agent.backend != "POSIX":
+        copies need agents of their own. GDS keeps one agent (GDS_MT has its own threads), and
+        so does O_DIRECT: there the device is the limit, and one request with every I/O of the
+        batch in flight keeps its queue deeper than lanes taking turns."""
+        if mem_type != "DRAM" or self.agent.backend != "POSIX" or self.direct:
             return [self.agent]
         n = self.config.io_lanes
         if n == 0:  # one lane per CPU other processes leave free

@@ -143,7 +143,8 @@ class BlockReader:
                 checks: list[Any] = []
                 hashing = core.config.verify_checksums or core.chain.sealed
                 # VRAM: verified in line, as before (the threaded path has not run on a GPU yet).
-                threaded = mem_type == "DRAM" and hashing and len(groups) > 1 and core.hash_in_thread()
+                threaded = (mem_type == "DRAM" and hashing and len(groups) > 1 and not core.direct
+                            and core.hash_in_thread())
                 lanes = core.lanes(mem_type) if len(groups) > 1 else [core.agent]
                 try:
                     with on_device(mems), core.agent.files([fd for p in plans for fd in p.fds]):
@@ -157,7 +158,8 @@ class BlockReader:
                                                  pay_f[lo * geo.nseg : hi * geo.nseg]) for lo, hi in groups]
                             core.agent.transfer_overlapped(
                                 "READ", batches, mem_type,
-                                lambda k: checks.append(self._check_range(jobs, *groups[k], arena, seg_addrs)))
+                                lambda k: checks.append(self._check_range(jobs, *groups[k], arena, seg_addrs)),
+                                ahead=len(batches) if core.direct else 1)  # O_DIRECT: keep the device's queue full
                         else:
                             for lo, hi in groups:
                                 seg = slice(lo * geo.nseg, hi * geo.nseg)
