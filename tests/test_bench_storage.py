@@ -257,3 +257,32 @@ def test_outputs_keep_a_dotted_prefix_whole(tmp_path: Path) -> None:
     assert out["csv"] == str(tmp_path / "kv_qwen2.5-0.5b_4k.csv") and Path(out["csv"]).is_file()
     assert out["json"] == str(tmp_path / "kv_qwen2.5-0.5b_4k.json") and Path(out["json"]).is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file())[0].startswith("kv_qwen2.5-0.5b_4k.")
+
+
+def test_kv_shaped_configs_name_their_model_and_the_store_rows_use_its_layout(tmp_path: Path) -> None:
+    """A KV-shaped config is one model's chunks: the store rows must move that model's segments
+    (Qwen2.5-0.5B: 48 x 64 KiB per 3 MiB chunk), not a generic 8-head layout of the same size."""
+    from vua_nixl_bench.plan import make_plan, nixlbench_config_for, resolve_model
+    from vua_nixl_bench.store_bench import model_of_config, model_shape_for
+
+    cfgs = Path(__file__).resolve().parents[1] / "nixlbench_configs"
+    assert model_of_config((cfgs / "kv_qwen2.5-0.5b_4k_posix_read.toml").read_text()) == ("qwen2-0.5b", 1)
+    assert model_of_config((cfgs / "kv_deepseek-v3_128k_tp8_gds_read.toml").read_text()) == ("deepseek-v3", 8)
+    assert model_of_config((cfgs / "posix_uring_read_direct.toml").read_text()) is None
+    generated = nixlbench_config_for(make_plan(resolve_model("llama-3.1-8b"), 8192, tp=2), backend="POSIX")
+    named = model_of_config(generated.to_toml())  # what `vua-nixl plan` writes is found too
+    assert named is not None and named[1] == 2 and resolve_model(named[0]) is resolve_model("llama-3.1-8b")
+
+    qwen = resolve_model("qwen2-0.5b")
+    shape = model_shape_for(3 << 20, qwen)
+    assert shape is not None and (shape.num_layers, shape.kv_heads, shape.head_dim, shape.chunk_tokens) == (24, 2, 64, 256)
+    assert model_shape_for((3 << 20) + 4096, qwen) is None  # not a whole number of tokens
+    mla = model_shape_for(17989632, resolve_model("deepseek-v3"), tp=8)
+    assert mla is not None and (mla.num_layers, mla.head_dim, mla.mla, mla.chunk_tokens) == (61, 576, True, 256)
+
+    block = 4 * 12288  # 4 qwen2-0.5b tokens per chunk: 48 segments of 1 KiB
+    cfg = tiny(op_type="READ", start_block_size=block, max_block_size=block, max_batch_size=1)
+    res = run_storage_bench(cfg, RunOptions(directory=tmp_path), nixlbench=None, model=qwen)
+    assert res.meta["store_layout"] == "Qwen/Qwen2.5-0.5B (tp=1)"
+    store_rows = [r for r in res.rows if r.path == "store"]
+    assert store_rows and all(r.verified and r.block_size == block for r in store_rows)

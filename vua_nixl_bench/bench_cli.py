@@ -69,6 +69,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     s.add_argument("--layout", default="model", choices=("model", "flat"),
                    help="store KV layout: model = bf16 GQA-like, 2*layers segments per chunk (default); "
                         "flat = one contiguous segment per chunk")
+    s.add_argument("--model", default="auto",
+                   help="store rows use this model's own KV layout (a `vua-nixl plan` preset or HF config dir; "
+                        "--tp for its rank's share); auto (default): the model a KV-shaped config names in its "
+                        "header, else --layout; none: always --layout")
+    s.add_argument("--tp", type=int, default=None, help="tensor-parallel size for --model (default: the config's, or 1)")
     s.add_argument("--chunk-tokens", type=int, default=256, help="store chunk_tokens where the block allows (default 256)")
     s.add_argument("--no-checksum", action="store_true", help="store loads skip XXH3 payload checks (not for production)")
     s.add_argument("--max-memory", type=parse_size, default=None, help="cap on buffers allocated (default 40%% of "
@@ -192,6 +197,18 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
     if problems:
         err.print("[red]error:[/red] nixlbench would reject this config: " + "; ".join(problems))
         return 2
+    model, tp = None, args.tp or 1
+    if args.model.lower() != "none":
+        from .plan import resolve_model
+        from .store_bench import model_of_config
+
+        named = (args.model, args.tp or 1) if args.model.lower() != "auto" else model_of_config(Path(args.config).read_text())
+        if named is not None:
+            try:
+                model, tp = resolve_model(named[0]), args.tp or named[1]
+            except (OSError, ValueError, KeyError) as exc:
+                err.print(f"[red]error:[/red] --model {named[0]}: {exc}")
+                return 2
     directory = resolve_directory(cfg, args.dir)
     opts = RunOptions(
         directory=directory, fallback=args.fallback, fallback_posix_api=args.fallback_posix_api,
@@ -203,7 +220,7 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
         result = run_storage_bench(
             cfg, opts, raw=not args.no_raw, store=not args.no_store, nixlbench=nb,
             layout_mode=args.layout, chunk_tokens=args.chunk_tokens, verify_checksums=not args.no_checksum,
-            repeat=args.repeat, raw_new_files=args.raw_new_files,
+            repeat=args.repeat, raw_new_files=args.raw_new_files, model=model, tp=tp,
         )
     except BackendUnavailable as exc:
         err.print(f"[red]backend unavailable:[/red] {exc}")

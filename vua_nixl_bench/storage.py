@@ -164,6 +164,8 @@ def run_storage_bench(
     verify_checksums: bool = True,
     repeat: int = 1,
     raw_new_files: bool = False,
+    model: Any = None,
+    tp: int = 1,
 ) -> StorageBenchResult:
     """Run the config's matrix through raw NIXL and the store (and nixlbench if available).
 
@@ -184,7 +186,7 @@ def run_storage_bench(
         backend = "POSIX"
         cfg.update({"posix_api_type": opts.fallback_posix_api})
         opts.notes.append(f"FALLBACK: {cfg.backend} unavailable; store runs POSIX/{opts.fallback_posix_api}")
-    storeb = StoreBench(cfg, opts, backend, layout_mode, chunk_tokens, verify_checksums) if store else None
+    storeb = StoreBench(cfg, opts, backend, layout_mode, chunk_tokens, verify_checksums, model, tp) if store else None
     binary: Optional[str] = None
     if nixlbench:
         binary = shutil.which("nixlbench") if nixlbench == "auto" else (shutil.which(nixlbench) or nixlbench)
@@ -244,7 +246,7 @@ def run_storage_bench(
         "direct": cfg.direct,
         "directory": str(opts.directory),
         "notes": list(opts.notes),
-        "store_layout": layout_mode,
+        "store_layout": f"{model.name} (tp={tp})" if model is not None else layout_mode,
         "store_verify_checksums": verify_checksums,
         "repeat": repeat,
         "raw_new_files": raw_new_files,

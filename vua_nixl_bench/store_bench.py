@@ -23,6 +23,7 @@ synchronous, so its rows have no Prep/Post split: Tx is the whole call.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 import uuid
@@ -88,12 +89,40 @@ def store_shape_for(block: int, chunk_tokens: int = 256, mode: str = "model") ->
     raise ValueError(f"unknown store layout mode {mode!r} (model, flat)")
 
 
+def model_shape_for(block: int, model: Any, tp: int = 1, dtype: str = "bfloat16") -> Optional[StoreShape]:
+    """``model``'s own KV layout (a :class:`~vua_nixl_bench.plan.ModelShape`, one TP rank) with
+    as many tokens per chunk as make one chunk exactly ``block`` bytes; None if none do."""
+    per_token = model.kv_bytes_per_token(dtype, tp)
+    if block <= 0 or block % per_token:
+        return None
+    if model.mla:
+        return StoreShape(model.num_layers, 1, model.kv_lora_rank + model.qk_rope_head_dim, True, dtype, block // per_token)
+    return StoreShape(model.num_layers, model.kv_heads_per_rank(tp), model.head_dim, False, dtype, block // per_token)
+
+
+_PLAN_LINE = re.compile(r"vua-nixl plan --model (\S+?)`?\s.*?--tokens \d+(?:\s+--tp (\d+))?")
+
+
+def model_of_config(text: str) -> Optional[tuple[str, int]]:
+    """(model, tp) named by a KV-shaped config's header (``From `vua-nixl plan --model M
+    --tokens N [--tp T]```), or None: those configs are one model's chunks, and the store rows
+    should use that model's layout, not a generic one."""
+    for line in text.splitlines():
+        if not line.lstrip().startswith("#"):
+            continue
+        m = _PLAN_LINE.search(line)
+        if m:
+            return m.group(1), int(m.group(2) or 1)
+    return None
+
+
 class StoreBench:
     """Runs matrix points through a fresh KVStore per point, under ``opts.directory``."""
 
     def __init__(self, cfg: NixlbenchConfig, opts: RunOptions, backend: str, layout_mode: str = "model",
-                 chunk_tokens: int = 256, verify_checksums: bool = True):
+                 chunk_tokens: int = 256, verify_checksums: bool = True, model: Any = None, tp: int = 1):
         self.cfg = cfg
+        self.model, self.tp = model, tp  # a ModelShape: its real layout wherever a block is its chunk
         self.opts = opts
         self.backend = backend
         self.layout_mode = layout_mode
@@ -114,6 +143,15 @@ class StoreBench:
                 f"the store bench needs ~{format_bytes(need)} (source KV, output buffers, slack) "
                 f"> --max-memory {format_bytes(opts.max_memory)}"
             )
+
+    def shape_for(self, block: int) -> StoreShape:
+        """The model's own layout when one is given and fits the block, else the generic one."""
+        if self.model is not None:
+            shape = model_shape_for(block, self.model, self.tp)
+            if shape is not None:
+                return shape
+            log.warning("block %d B is not a whole number of %s tokens: generic layout for it", block, self.model.name)
+        return store_shape_for(block, self.chunk_tokens, self.layout_mode)
 
     def _agent(self) -> Any:
         """One NIXL agent for every point, as one engine process would hold.
@@ -153,7 +191,7 @@ class StoreBench:
 
         from vua_nixl.agent import aligned_empty
 
-        shape = store_shape_for(block, self.chunk_tokens, self.layout_mode)
+        shape = self.shape_for(block)
         assert shape.chunk_bytes == block, (shape, block)
         per_thread_iters, warmup = self.cfg.iters_for_block(block)
         per_thread_iters = max(per_thread_iters, 1)
