@@ -517,11 +517,11 @@ def test_free_cpus_counts_other_processes_not_this_one(tmp_path, monkeypatch):
     assert 0.0 <= cpus.FreeCpus().free() <= cpus.usable_cpus()  # the real /proc/stat
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_read_pipeline_depth_o_direct_posts_every_batch_first(tmp_path, monkeypatch, direct):
+@pytest.mark.parametrize("direct, overlap", [(True, "inline"), (True, "thread"), (False, "inline")])
+def test_read_pipeline_depth_o_direct_posts_every_batch_first(tmp_path, monkeypatch, direct, overlap):
     """O_DIRECT: every sub-batch is in flight before the first is verified (the device's queue
-    stays full); page cache, one lane, checksums in line: one sub-batch ahead. Same bytes and
-    the same strict prefix after a flipped byte either way."""
+    stays full), verified in line or on a helper thread; page cache, one lane, checksums in
+    line: one sub-batch ahead. Same bytes and the same strict prefix after a flipped byte."""
     import vua_nixl.store.planning as store_mod
     from vua_nixl.store.reader import BlockReader
 
@@ -538,13 +538,15 @@ def test_read_pipeline_depth_o_direct_posts_every_batch_first(tmp_path, monkeypa
     monkeypatch.setattr(BlockReader, "_check_range", check)
     kv = make_kv(layout, torch.bfloat16, len(TOKENS), seed=31)
     with KVStore(tmp_path / "s", ns, chunk_tokens=CHUNK, backend="POSIX", direct_io=direct, io_lanes=1,
-                 hash_overlap="inline") as s:
+                 hash_overlap=overlap) as s:
         s.put(TOKENS, kv)
         s.agent.fault_hook = lambda op, descs: events.append(op) if op == "READ" else None
         events.clear()
         assert same_bytes(s.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
         assert events[:6] == (["READ"] * 5 + ["verify"] if direct else ["READ", "READ", "verify", "READ", "verify", "READ"])
         assert events.count("READ") == 5 and events.count("verify") == 5
+        # O_DIRECT with a free CPU: verification runs aside while this thread keeps polling
+        assert (s._reader._verifier is not None) == (direct and overlap == "thread")
         with open(s.block_path(s.keys_for(TOKENS)[3]), "r+b") as f:
             f.seek(payload_offset(CHUNK) + 4000)
             b = f.read(1)

@@ -156,10 +156,14 @@ class BlockReader:
                             # I/O engine moves what it can meanwhile (it progresses when polled).
                             batches = [dram_rows(hdr_m[lo:hi], hdr_f[lo:hi], pay_m[lo * geo.nseg : hi * geo.nseg],
                                                  pay_f[lo * geo.nseg : hi * geo.nseg]) for lo, hi in groups]
+                            # O_DIRECT: every sub-batch in flight at once (the device's queue stays
+                            # full), and, with a CPU free, verified on a helper thread: the engine
+                            # submits more of a request's I/O only while this thread polls it.
+                            verify_aside = core.direct and hashing and core.hash_in_thread()
                             core.agent.transfer_overlapped(
                                 "READ", batches, mem_type,
-                                lambda k: checks.append(self._check_range(jobs, *groups[k], arena, seg_addrs)),
-                                ahead=len(batches) if core.direct else 1)  # O_DIRECT: keep the device's queue full
+                                lambda k: checks.append(self._submit_check(jobs, *groups[k], arena, seg_addrs, verify_aside)),
+                                ahead=len(batches) if core.direct else 1)
                         else:
                             for lo, hi in groups:
                                 seg = slice(lo * geo.nseg, hi * geo.nseg)
