@@ -1,11 +1,13 @@
-"""The read-and-verify pipeline: open the prefix, one NIXL read, verify, cut at the first bad chunk.
+"""The read-and-verify pipeline: open the prefix, read through NIXL, verify, cut at the first bad chunk.
 
-Reads are pipelined in sub-batches of about ``PIPELINE_BYTES``: while NIXL moves sub-batch k+1,
-sub-batch k is verified, on a helper thread when a CPU is idle (XXH3 and NIXL both release the
-GIL), else on the calling thread between polls (``StoreConfig.hash_overlap``). Decisions (quarantine, cutting a prefix) are applied afterwards, in order,
-on the caller's thread. A transfer error trusts nothing of its batch: the batch is retried chunk
-by chunk (:func:`retry_each`, shared with ``vua-nixl verify``) to keep the longest good
-prefix.
+Reads are pipelined in sub-batches of about ``PIPELINE_BYTES``. Page cache, a CPU or more free:
+the sub-batches are dealt over I/O lanes (agents of their own, one thread each), each lane
+reading a sub-batch and then verifying it. One lane: while NIXL moves sub-batch k+1, sub-batch k
+is verified, on a helper thread when a CPU is free (XXH3 and NIXL both release the GIL), else
+between polls (``StoreConfig.hash_overlap``). O_DIRECT: every sub-batch is in flight before the
+first is verified. Decisions (quarantine, cutting a prefix) are applied afterwards, in order, on
+the caller's thread. A transfer error trusts nothing of its batch: the batch is retried chunk by
+chunk (:func:`retry_each`, shared with ``vua-nixl verify``) to keep the longest good prefix.
 """
 
 from __future__ import annotations
