@@ -555,3 +555,29 @@ def test_read_pipeline_depth_o_direct_posts_every_batch_first(tmp_path, monkeypa
         os.sync()  # O_DIRECT reads see the device: the flipped byte must be on it
         res = s.get(TOKENS)
         assert res.tokens == 3 * CHUNK and same_bytes(res.kv, kv[:, :, : 3 * CHUNK])
+
+
+def test_usable_cpus_respect_the_cgroup_quota(tmp_path, monkeypatch):
+    """A pod limited to 2 CPUs on a 64-CPU node must not start 4 lanes."""
+    from vua_nixl.store import cpus
+
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: set(range(64)))
+    real = cpus.cgroup_cpu_limit
+    v1 = tmp_path / "v1"
+    v1.mkdir()
+    monkeypatch.setattr(cpus, "cgroup_cpu_limit", lambda path=str(cpu_max): real(path, str(v1)))
+    assert cpus.usable_cpus() == 64  # no file: no quota known
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpus.usable_cpus() == 64  # cgroup v1, unlimited
+    (v1 / "cpu.cfs_quota_us").write_text("300000\n")
+    assert cpus.usable_cpus() == 3  # cgroup v1, 3 CPUs
+    cpu_max.write_text("max 100000\n")
+    assert cpus.cgroup_cpu_limit(str(cpu_max)) is None and cpus.usable_cpus() == 64
+    cpu_max.write_text("200000 100000\n")
+    assert cpus.cgroup_cpu_limit(str(cpu_max)) == 2.0 and cpus.usable_cpus() == 2
+    cpu_max.write_text("50000 100000\n")
+    assert cpus.usable_cpus() == 1  # half a CPU: still one
+    cpu_max.write_text("200000 100000\n")
+    assert cpus.FreeCpus().free() == 2.0  # the optimistic first answer is capped too

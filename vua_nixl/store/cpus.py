@@ -20,12 +20,33 @@ PERIOD_S = 0.5
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask)."""
+def cgroup_cpu_limit(path: str = "/sys/fs/cgroup/cpu.max", v1_dir: str = "/sys/fs/cgroup/cpu") -> Optional[float]:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max``: "200000 100000" = 2 CPUs; v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, -1 = none), or None when unlimited or unknown.
+    A Kubernetes pod with ``limits.cpu: 2`` on a 64-CPU node sees 64 CPUs in its affinity mask
+    but may use 2."""
     try:
-        return len(os.sched_getaffinity(0))
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else max(int(quota) / int(period), 0.0)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(f"{v1_dir}/cpu.cfs_quota_us") as fq, open(f"{v1_dir}/cpu.cfs_period_us") as fp:
+            q, per = int(fq.read()), int(fp.read())
+        return None if q <= 0 or per <= 0 else q / per
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by its cgroup's CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(n, int(limit))) if limit is not None else n
 
 
 def busy_seconds(cpus: set[int], path: str = "/proc/stat") -> Optional[float]:
@@ -73,7 +94,7 @@ class FreeCpus:
                     self._value = 1.0
             elif self._last is not None:
                 others = max(0.0, (busy - self._last[1]) - (ours - self._last[2])) / max(now - self._last[0], 1e-3)
-                self._value = max(0.0, len(cpus) - others)
+                self._value = max(0.0, min(len(cpus) - others, float(usable_cpus())))
             self._last = (now, busy if busy is not None else 0.0, ours)
             return self._value
 
