@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import CHUNK, LAYOUT, make_kv, same_bytes
@@ -581,3 +582,26 @@ def test_usable_cpus_respect_the_cgroup_quota(tmp_path, monkeypatch):
     assert cpus.usable_cpus() == 1  # half a CPU: still one
     cpu_max.write_text("200000 100000\n")
     assert cpus.FreeCpus().free() == 2.0  # the optimistic first answer is capped too
+
+
+def test_segments_sliced_from_a_cached_span_hash_like_fresh_views():
+    """The cached whole-storage view gives the same bytes as per-call views, for strided,
+    adjacent and mixed segment runs; a tensor at a new address gets a new view."""
+    from vua_nixl.format import checksum
+    from vua_nixl.store.planning import host_span, segments
+
+    t = make_kv(LAYOUT, torch.bfloat16, 4 * CHUNK, seed=41)
+    seg = CHUNK * LAYOUT.kv_heads * LAYOUT.head_dim * 2
+    base = t.data_ptr()
+    strided = np.array([base + i * 4 * seg for i in range(6)], dtype=np.uint64)
+    adjacent = np.array([base + i * seg for i in range(6)], dtype=np.uint64)
+    mixed = np.array([base, base + seg, base + 5 * seg, base + 9 * seg], dtype=np.uint64)
+    for addrs in (strided, adjacent, mixed):
+        fresh = b"".join(bytes(s) for s in segments(addrs, seg))
+        cached = b"".join(bytes(s) for s in segments(addrs, seg, host_span(t)))
+        assert fresh == cached and len(cached) == len(addrs) * seg
+        assert checksum(segments(addrs, seg)) == checksum(segments(addrs, seg, host_span(t)))
+    assert len(segments(adjacent, seg, host_span(t))) == 1  # one run: one buffer to hash
+    other = t.clone()
+    assert host_span(t)[1] is host_span(t)[1]  # cached
+    assert host_span(other)[0] == other.data_ptr() and host_span(other)[1] is not host_span(t)[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
@@ -94,7 +95,7 @@ class ChunkGeometry:
         if t.device.type == "cuda":
             mac.update(self.payload(t, chunk).cpu().numpy())  # type: ignore[arg-type]
         else:
-            for seg in segments(addrs, self.seg_bytes):
+            for seg in segments(addrs, self.seg_bytes, host_span(t)):
                 mac.update(seg)
         return mac.digest()
 
@@ -119,7 +120,7 @@ class ChunkGeometry:
             return proj64(self.payload(t, chunk))
         if t.device.type == "cuda":  # an XXH3 block read into GPU memory: device pointers are not host-readable
             return checksum([self.payload(t, chunk).cpu().numpy()])
-        return checksum(segments(addrs, self.seg_bytes))
+        return checksum(segments(addrs, self.seg_bytes, host_span(t)))
 
     def payload(self, t: torch.Tensor, chunk: int) -> torch.Tensor:
         """A chunk's payload bytes in file order, as a 1-D uint8 tensor on ``t``'s device."""
@@ -169,8 +170,33 @@ class Arena:
         self.buf, self.key, self.addr, self.size = None, None, 0, 0
 
 
-def segments(addrs: np.ndarray, seg_bytes: int) -> Iterable[Any]:
+_SPANS: OrderedDict[tuple[int, int], memoryview] = OrderedDict()
+_SPANS_LOCK = threading.Lock()
+
+
+def host_span(t: torch.Tensor) -> tuple[int, memoryview]:
+    """(base address, byte view) over the whole host storage behind ``t``, to slice segments
+    from. Cached by (address, size): making the view costs as much as hashing a small segment,
+    and a view is only ever sliced for a tensor alive at that moment, which occupies exactly
+    that range (so a cached view of freed memory is never read)."""
+    st = t.untyped_storage()
+    key = (st.data_ptr(), st.nbytes())
+    with _SPANS_LOCK:
+        view = _SPANS.get(key)
+        if view is None:
+            view = _SPANS[key] = memoryview((ctypes.c_char * max(key[1], 1)).from_address(key[0])).cast("B")
+            while len(_SPANS) > 16:
+                _SPANS.popitem(last=False)
+        else:
+            _SPANS.move_to_end(key)
+    return key[0], view
+
+
+def segments(addrs: np.ndarray, seg_bytes: int, within: Optional[tuple[int, memoryview]] = None) -> Iterable[Any]:
     """Zero-copy buffers over host memory segments (for hashing), in order.
+
+    With ``within`` (:func:`host_span` of the tensor they lie in) each segment is a slice of that
+    cached view, and a chunk whose segments are all adjacent is one slice.
 
     Segments adjacent in memory are merged into one buffer (hashing is streaming, so the digest
     is the same), and every buffer is a slice of one view over the span they cover: one ctypes
@@ -178,6 +204,13 @@ def segments(addrs: np.ndarray, seg_bytes: int) -> Iterable[Any]:
     """
     if len(addrs) == 0:
         return []
+    if within is not None:
+        base, view = within
+        offs = addrs.astype(np.int64) - base
+        if len(offs) > 1 and bool(np.all(np.diff(offs) == seg_bytes)):
+            o = int(offs[0])
+            return [view[o : o + len(offs) * seg_bytes]]
+        return [view[o : o + seg_bytes] for o in offs.tolist()]
     a = addrs.astype(np.int64)
     lo = int(a.min())
     span = memoryview((ctypes.c_char * (int(a.max()) + seg_bytes - lo)).from_address(lo)).cast("B")
