@@ -490,9 +490,10 @@ def main() -> int:
     load_after = os.getloadavg()
     print()
     print(table(rows))
-    print(f"\nGB/s = 1e9 B/s of KV payload, medians of {args.repeat} interleaved rounds. load average before "
-          f"{load_before[0]:.2f} / {load_before[1]:.2f}, after {load_after[0]:.2f} / {load_after[1]:.2f} (1 / 5 min), "
-          f"{os.cpu_count()} CPUs")
+    from vua_nixl_bench.results import load_line  # main venv only: this file also runs in LMCache's
+
+    print(f"\nGB/s = 1e9 B/s of KV payload, medians of {args.repeat} interleaved rounds. "
+          + load_line(load_before, load_after))
     for f in failures:
         print(f"FAILED: {f}")
     stamp = time.strftime("%Y%m%d-%H%M%S")

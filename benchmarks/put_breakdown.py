@@ -59,6 +59,7 @@ from vua_nixl import KVStore, Namespace  # noqa: E402
 from vua_nixl.agent import aligned_empty  # noqa: E402
 from vua_nixl.store import writer as writer_mod  # noqa: E402
 from vua_nixl_bench.plan import PRESETS  # noqa: E402
+from vua_nixl_bench.results import load_line  # noqa: E402
 
 #: below 4 MiB (qwen2-0.5b: 0.75 and 3 MiB), 4 MiB (llama-3.1-8b 32 tokens), real 256-token chunks
 DEFAULT_POINTS = ["qwen2-0.5b:64", "qwen2-0.5b:256", "llama-3.1-8b:32", "deepseek-v3:256", "llama-3.1-8b:256"]
@@ -269,8 +270,7 @@ def main() -> int:
     load_after = os.getloadavg()
     print("\nms per chunk (share of put):\n")
     print(table(rows))
-    print(f"\nload average before {load_before[0]:.2f} / {load_before[1]:.2f}, after {load_after[0]:.2f} / "
-          f"{load_after[1]:.2f} (1 / 5 min), {os.cpu_count()} CPUs")
+    print("\n" + load_line(load_before, load_after))
     tag = "-fsync" if args.fsync else ""
     path = args.out / f"put_breakdown{tag}.json"
     path.write_text(json.dumps({"rows": rows, "argv": sys.argv, "loadavg_before": load_before, "loadavg_after": load_after,

@@ -61,17 +61,7 @@ def init() -> None:
         rendezvous = tempfile.mktemp(prefix="sgl-bench-")
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
         _CTX.append(rendezvous)
-    from sglang.srt.runtime_context import get_parallel
-
-    values = dict(attn_dcp_size=1, attn_dcp_rank=0, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
-    try:
-        ctx = get_parallel().override(**values)
-        ctx.__enter__()
-    except ValueError:  # 0.5.21 has no attn_dcp_rank field
-        values.pop("attn_dcp_rank")
-        ctx = get_parallel().override(**values)
-        ctx.__enter__()
-    _CTX.append(ctx)
+    _CTX.append(cpu_compat.enter_parallel())
 
 
 def make_controller(shape: tuple, layout: str, storage: str, extra: dict | None):

@@ -44,6 +44,7 @@ from vua_nixl import KVLayout, KVStore, Namespace
 from vua_nixl.agent import aligned_empty
 from vua_nixl.keys import as_token_array, chunk_keys
 from vua_nixl_bench.plan import PRESETS, ModelShape
+from vua_nixl_bench.results import load_line
 
 DEFAULT_MODELS = ["qwen2-0.5b", "llama-3.1-8b", "deepseek-v3"]
 ALIGN = 4096
@@ -274,8 +275,7 @@ def main() -> int:
     load_after = os.getloadavg()
     print()
     print(table(rows))
-    print(f"\nload average before {load_before[0]:.2f} / {load_before[1]:.2f}, after {load_after[0]:.2f} / {load_after[1]:.2f} "
-          f"(1 / 5 min), {os.cpu_count()} CPUs")
+    print("\n" + load_line(load_before, load_after))
     if lookup:
         print(f"131,072 tokens / 512 chunks: hash {lookup['hash_ms']:.2f} ms, lookup (presence cache) "
               f"{lookup['lookup_cached_ms']:.2f} ms, lookup (stat every chunk) {lookup['lookup_stat_ms']:.2f} ms, "

@@ -226,3 +226,11 @@ __all__ = [
     "BenchRow", "LatencyStats", "NIXLBENCH_COLUMNS", "RATIO_COLUMNS", "attach_ratios", "ratio_cells", "parse_nixlbench_output",
     "render_table", "row_from_nixlbench", "write_chart", "write_csv", "write_json",
 ]
+
+
+def load_line(before: Sequence[float], after: Sequence[float]) -> str:
+    """The host's load around a benchmark run, as every benchmark table reports it."""
+    import os
+
+    return (f"load average before {before[0]:.2f} / {before[1]:.2f}, after {after[0]:.2f} / {after[1]:.2f} "
+            f"(1 / 5 min), {os.cpu_count()} CPUs")

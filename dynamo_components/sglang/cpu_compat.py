@@ -28,6 +28,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from typing import Any
 
 _STUB_MODULES = (
     "torchvision",
@@ -107,3 +108,20 @@ def enable_direct_io() -> list[str]:
             mod.transfer_kv_direct = _transfer_kv_direct  # type: ignore[attr-defined]
             patched.append(mod_name)
     return patched
+
+
+def enter_parallel(tp_rank: int = 0, tp_size: int = 1) -> Any:
+    """Enter SGLang's parallel context for one process outside a launched server (tests and
+    benchmarks); return the entered context manager, for the caller to ``__exit__`` later.
+    SGLang 0.5.21 has no ``attn_dcp_rank`` field, later releases require it."""
+    from sglang.srt.runtime_context import get_parallel
+
+    values = dict(attn_dcp_size=1, attn_dcp_rank=0, tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1)
+    try:
+        ctx = get_parallel().override(**values)
+        ctx.__enter__()
+    except ValueError:
+        values.pop("attn_dcp_rank")
+        ctx = get_parallel().override(**values)
+        ctx.__enter__()
+    return ctx

@@ -65,18 +65,9 @@ def init_sglang(tp_rank: int = 0, tp_size: int = 1) -> None:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=0, world_size=1)
         _RENDEZVOUS.append(rendezvous)
         atexit.register(cleanup)
-    from sglang.srt.runtime_context import get_parallel
-
     if _parallel_ctx is not None:
         _parallel_ctx.__exit__(None, None, None)
-    values = dict(attn_dcp_size=1, attn_dcp_rank=0, tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1)
-    try:
-        _parallel_ctx = get_parallel().override(**values)
-        _parallel_ctx.__enter__()
-    except ValueError:  # 0.5.21 has no attn_dcp_rank field
-        values.pop("attn_dcp_rank")
-        _parallel_ctx = get_parallel().override(**values)
-        _parallel_ctx.__enter__()
+    _parallel_ctx = cpu_compat.enter_parallel(tp_rank, tp_size)
     cpu_compat.enable_direct_io()
 
 

@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -124,10 +124,9 @@ class StoreCore:
         with self._lane_lock:
             while len(self._lanes) < n - 1:
                 self._lanes.append(self.agent.twin())
-            if self._lane_pool is None or self._lane_pool._max_workers < n - 1:
-                if self._lane_pool is not None:
-                    self._lane_pool.shutdown(wait=True)
-                self._lane_pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="vua-nixl-lane")
+            if self._lane_pool is None:  # as many workers as twins could ever be made
+                self._lane_pool = ThreadPoolExecutor(max_workers=MAX_AUTO_LANES - 1 if self.config.io_lanes == 0
+                                                     else n - 1, thread_name_prefix="vua-nixl-lane")
         return [self.agent, *self._lanes[: n - 1]]
 
     def run_on_lanes(self, lanes: list[NixlAgent], nitems: int, work: Callable[[NixlAgent, list[int]], None]) -> None:
@@ -150,6 +149,22 @@ class StoreCore:
                 error = error or exc
         if error is not None:
             raise error
+
+    @contextmanager
+    def lane_holds(self, agent: NixlAgent, tensors: Sequence[tuple[torch.Tensor, bool]], fds: Sequence[int]) -> Iterator[None]:
+        """On a twin lane: register the batch's memory (``(tensor, keep)`` as in
+        :meth:`NixlAgent.register_batch`) and ``fds`` for one lane's share, released after. The
+        store's own agent already holds the batch's registrations: nothing to do there."""
+        if agent is self.agent:
+            yield
+            return
+        regs = agent.register_batch(tensors)
+        try:
+            with agent.files(fds):
+                yield
+        finally:
+            for reg in regs:
+                agent.release(reg)
 
     def close_lanes(self) -> None:
         with self._lane_lock:

@@ -193,32 +193,22 @@ def host_span(t: torch.Tensor) -> tuple[int, memoryview]:
 
 
 def segments(addrs: np.ndarray, seg_bytes: int, within: Optional[tuple[int, memoryview]] = None) -> Iterable[Any]:
-    """Zero-copy buffers over host memory segments (for hashing), in order.
-
-    With ``within`` (:func:`host_span` of the tensor they lie in) each segment is a slice of that
-    cached view, and a chunk whose segments are all adjacent is one slice.
-
-    Segments adjacent in memory are merged into one buffer (hashing is streaming, so the digest
-    is the same), and every buffer is a slice of one view over the span they cover: one ctypes
-    object per call instead of one per segment, which cost as much as hashing a 64 KiB segment.
-    """
+    """Zero-copy buffers over host memory segments (for hashing), in order: slices of one byte
+    view, ``within`` (:func:`host_span` of the tensor they lie in, cached) or else one made over
+    the span they cover. A chunk whose segments are all adjacent is one slice (hashing streams,
+    so the digest is the same)."""
     if len(addrs) == 0:
         return []
-    if within is not None:
-        base, view = within
-        offs = addrs.astype(np.int64) - base
-        if len(offs) > 1 and bool(np.all(np.diff(offs) == seg_bytes)):
-            o = int(offs[0])
-            return [view[o : o + len(offs) * seg_bytes]]
-        return [view[o : o + seg_bytes] for o in offs.tolist()]
     a = addrs.astype(np.int64)
-    lo = int(a.min())
-    span = memoryview((ctypes.c_char * (int(a.max()) + seg_bytes - lo)).from_address(lo)).cast("B")
-    breaks = np.flatnonzero(a[1:] != a[:-1] + seg_bytes) + 1
-    starts = [0, *breaks.tolist()]
-    ends = [*breaks.tolist(), len(a)]
-    rel = (a - lo).tolist()
-    return [span[rel[b] : rel[b] + (e - b) * seg_bytes] for b, e in zip(starts, ends)]
+    if within is None:
+        lo = int(a.min())
+        within = (lo, memoryview((ctypes.c_char * (int(a.max()) + seg_bytes - lo)).from_address(lo)).cast("B"))
+    base, view = within
+    offs = a - base
+    if len(offs) > 1 and bool(np.all(np.diff(offs) == seg_bytes)):
+        o = int(offs[0])
+        return [view[o : o + len(offs) * seg_bytes]]
+    return [view[o : o + seg_bytes] for o in offs.tolist()]
 
 
 def pipeline_groups(n_jobs: int, job_bytes: int) -> list[tuple[int, int]]:

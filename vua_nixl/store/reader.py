@@ -17,7 +17,6 @@ import hmac
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -144,33 +143,29 @@ class BlockReader:
                 groups = planning.pipeline_groups(len(jobs), geo.file_bytes)
                 checks: list[Any] = []
                 hashing = core.config.verify_checksums or core.chain.sealed
-                # VRAM: verified in line, as before (the threaded path has not run on a GPU yet).
-                threaded = (mem_type == "DRAM" and hashing and len(groups) > 1 and not core.direct
-                            and core.hash_in_thread())
                 lanes = core.lanes(mem_type) if len(groups) > 1 else [core.agent]
                 try:
                     with on_device(mems), core.agent.files([fd for p in plans for fd in p.fds]):
                         if len(lanes) > 1:
                             checks = self._read_on_lanes(lanes, jobs, groups, plans, arena,
                                                          (hdr_m, hdr_f, pay_m, pay_f), seg_addrs)
-                        elif mem_type == "DRAM" and not threaded:
-                            # Sub-batch k+1 is posted before this thread verifies sub-batch k: the
-                            # I/O engine moves what it can meanwhile (it progresses when polled).
+                        elif mem_type == "DRAM":
+                            # Sub-batch k is verified while k+1 (O_DIRECT: every later one, so the
+                            # device's queue stays full) is in flight; on a helper thread when a CPU
+                            # is free, because the engine moves a request's bytes only while this
+                            # thread polls it.
+                            aside = hashing and len(groups) > 1 and core.hash_in_thread()
                             batches = [dram_rows(hdr_m[lo:hi], hdr_f[lo:hi], pay_m[lo * geo.nseg : hi * geo.nseg],
                                                  pay_f[lo * geo.nseg : hi * geo.nseg]) for lo, hi in groups]
-                            # O_DIRECT: every sub-batch in flight at once (the device's queue stays
-                            # full), and, with a CPU free, verified on a helper thread: the engine
-                            # submits more of a request's I/O only while this thread polls it.
-                            verify_aside = core.direct and hashing and core.hash_in_thread()
                             core.agent.transfer_overlapped(
                                 "READ", batches, mem_type,
-                                lambda k: checks.append(self._submit_check(jobs, *groups[k], arena, seg_addrs, verify_aside)),
+                                lambda k: checks.append(self._submit_check(jobs, *groups[k], arena, seg_addrs, aside)),
                                 ahead=len(batches) if core.direct else 1)
-                        else:
+                        else:  # VRAM (GDS): one sub-batch at a time, verified in line on the GPU
                             for lo, hi in groups:
                                 seg = slice(lo * geo.nseg, hi * geo.nseg)
                                 transfer_rows(core.agent, "READ", hdr_m[lo:hi], hdr_f[lo:hi], pay_m[seg], pay_f[seg], mem_type)
-                                checks.append(self._submit_check(jobs, lo, hi, arena, seg_addrs, threaded))
+                                checks.append(self._check_range(jobs, lo, hi, arena, seg_addrs))
                     reasons = [r for c in checks for r in (c.result() if hasattr(c, "result") else c)]
                 except TransferError as exc:
                     for c in checks:  # let in-flight verification finish before memory is reused
@@ -195,21 +190,15 @@ class BlockReader:
         results: list[list[Optional[str]]] = [[] for _ in groups]
 
         def work(agent: NixlAgent, ks: list[int]) -> None:
-            own = agent is not core.agent  # the store's agent already holds the batch's registrations
             assert arena.buf is not None
-            items = [(p.mem, p.user_out and p.mem is p.out_view) for p in plans] + [(arena.buf, False)]
-            regs = agent.register_batch(items) if own else []  # type: ignore[arg-type]
+            mems = [(p.mem, p.user_out and p.mem is p.out_view) for p in plans] + [(arena.buf, False)]
             fds = [jobs[j][0].fds[jobs[j][1]] for k in ks for j in range(*groups[k])]
-            try:
-                with agent.files(fds) if own else nullcontext():
-                    for k in ks:
-                        lo, hi = groups[k]
-                        seg = slice(lo * nseg, hi * nseg)
-                        transfer_rows(agent, "READ", hdr_m[lo:hi], hdr_f[lo:hi], pay_m[seg], pay_f[seg], "DRAM")
-                        results[k] = self._check_range(jobs, lo, hi, arena, seg_addrs)
-            finally:
-                for reg in regs:
-                    agent.release(reg)
+            with core.lane_holds(agent, mems, fds):  # type: ignore[arg-type]
+                for k in ks:
+                    lo, hi = groups[k]
+                    seg = slice(lo * nseg, hi * nseg)
+                    transfer_rows(agent, "READ", hdr_m[lo:hi], hdr_f[lo:hi], pay_m[seg], pay_f[seg], "DRAM")
+                    results[k] = self._check_range(jobs, lo, hi, arena, seg_addrs)
 
         core.run_on_lanes(lanes, len(groups), work)
         return results

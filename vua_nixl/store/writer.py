@@ -16,7 +16,7 @@ import ctypes
 import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable, Iterator, Optional
 
@@ -187,21 +187,16 @@ class BlockWriter:
         groups = planning.pipeline_groups(len(sealers), geo.file_bytes)
 
         def work(agent: NixlAgent, ks: list[int]) -> None:
-            own = agent is not core.agent  # the store's agent already holds the batch's registrations
             assert arena.buf is not None
-            regs = agent.register_batch([(src, False) for src in sources] + [(arena.buf, False)]) if own else []
-            try:
-                with agent.files([fds[j] for k in ks for j in range(*groups[k])]) if own else nullcontext():
-                    for k in ks:
-                        lo, hi = groups[k]
-                        for j in range(lo, hi):
-                            hdr = sealers[j]()
-                            ctypes.memmove(arena.addr + j * poff, hdr, len(hdr))
-                        seg = slice(lo * nseg, hi * nseg)
-                        transfer_rows(agent, "WRITE", hm[lo:hi], hf[lo:hi], pm[seg], pf[seg], "DRAM")
-            finally:
-                for reg in regs:
-                    agent.release(reg)
+            mems = [(src, False) for src in sources] + [(arena.buf, False)]
+            with core.lane_holds(agent, mems, [fds[j] for k in ks for j in range(*groups[k])]):
+                for k in ks:
+                    lo, hi = groups[k]
+                    for j in range(lo, hi):
+                        hdr = sealers[j]()
+                        ctypes.memmove(arena.addr + j * poff, hdr, len(hdr))
+                    seg = slice(lo * nseg, hi * nseg)
+                    transfer_rows(agent, "WRITE", hm[lo:hi], hf[lo:hi], pm[seg], pf[seg], "DRAM")
 
         core.run_on_lanes(lanes, len(groups), work)
 
