@@ -359,7 +359,7 @@ def test_get_many_with_many_caller_buffers(store):
     res = store.get_many(seqs)  # store-allocated outputs are not kept registered
     assert all(same_bytes(r.kv, kv) for r, kv in zip(res, kvs))
     res_ptrs = {r.kv.untyped_storage().data_ptr() for r in res}
-    assert not res_ptrs & {k[0] for k in [*store.agent._regs, *store.agent._transient]}
+    assert not res_ptrs & {k[0] for k in store.agent.registered()}
 
 
 @pytest.mark.parametrize("fault, expect", [("bitflip", 3), ("eio_once", 5), ("eio_persistent", 0)])
@@ -605,3 +605,86 @@ def test_segments_sliced_from_a_cached_span_hash_like_fresh_views():
     other = t.clone()
     assert host_span(t)[1] is host_span(t)[1]  # cached
     assert host_span(other)[0] == other.data_ptr() and host_span(other)[1] is not host_span(t)[1]
+
+
+def _agent_round_trip(agent, src: torch.Tensor, path: Path) -> torch.Tensor:
+    """Write ``src`` to ``path`` and read it back through ``agent`` (both already registered)."""
+    from vua_nixl.agent import aligned_empty
+
+    dst = aligned_empty((src.numel(),), torch.uint8)
+    tok = agent.register_tensor(dst, cache=False)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with agent.files([fd]):
+            for op, t in (("WRITE", src), ("READ", dst)):
+                agent.transfer(op, np.array([(t.data_ptr(), t.numel(), 0)], dtype=np.uint64),
+                               np.array([(0, t.numel(), fd)], dtype=np.uint64))
+    finally:
+        os.close(fd)
+        agent.release(tok)
+    return dst
+
+
+def test_registration_lives_until_its_last_holder_releases_it(store, tmp_path):
+    """Two holders of one storage (two puts of one tensor at once): the first release must not
+    deregister it under the second's transfer (regression: it used to)."""
+    from vua_nixl.agent import aligned_empty
+
+    agent = store.agent
+    src = aligned_empty((1 << 16,), torch.uint8)
+    src.copy_(torch.randint(0, 256, (1 << 16,), dtype=torch.uint8))
+    key = (src.data_ptr(), src.numel(), "DRAM")
+    first, second = agent.register_tensor(src, cache=False), agent.register_tensor(src, cache=False)
+    agent.release(first)
+    assert key in agent.registered()
+    assert torch.equal(_agent_round_trip(agent, src, tmp_path / "f"), src)
+    agent.release(second)
+    assert key not in agent.registered()
+    agent.release(second)  # a token given back twice changes nothing
+    assert key not in agent.registered()
+
+
+def test_cache_eviction_spares_registrations_in_use(store, tmp_path):
+    """Cached registrations are evicted least recently used first, but never one a transfer in
+    flight holds, however many other buffers are registered meanwhile."""
+    from vua_nixl.agent import _REG_CACHE_ENTRIES, aligned_empty
+
+    agent = store.agent
+    held = aligned_empty((1 << 16,), torch.uint8)
+    held.copy_(torch.randint(0, 256, (1 << 16,), dtype=torch.uint8))
+    token = agent.register_tensor(held, cache=True)
+    others = [aligned_empty((4096,), torch.uint8) for _ in range(3 * _REG_CACHE_ENTRIES)]
+    for t in others:
+        agent.release(agent.register_tensor(t, cache=True))
+    live = agent.registered()
+    assert token in live
+    assert len([k for k in live if k != token]) <= _REG_CACHE_ENTRIES + 1  # + the store's own arenas
+    assert (others[-1].data_ptr(), 4096, "DRAM") in live  # the most recent ones stay
+    assert (others[0].data_ptr(), 4096, "DRAM") not in live
+    assert torch.equal(_agent_round_trip(agent, held, tmp_path / "g"), held)
+    agent.release(token)
+
+
+def test_concurrent_puts_of_one_tensor(root):
+    """Threads putting different prompts from one KV tensor at once all succeed, byte-exact."""
+    import threading
+
+    kv = make_kv(LAYOUT, torch.bfloat16, 4 * CHUNK, seed=21)
+    errors: list[BaseException] = []
+    with KVStore(root, Namespace("m", "bf16", LAYOUT), chunk_tokens=CHUNK, backend="POSIX", io_lanes=1) as s:
+        def put(base: int) -> None:
+            try:
+                for r in range(15):
+                    assert s.put(torch.arange(4 * CHUNK) + base + 10_000 * r, kv) == 4 * CHUNK
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=put, args=(1_000_000 * (i + 1),)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        for i in range(3):
+            for r in (0, 14):
+                assert same_bytes(s.get(torch.arange(4 * CHUNK) + 1_000_000 * (i + 1) + 10_000 * r).kv, kv)

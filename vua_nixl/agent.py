@@ -42,10 +42,13 @@ GDS_BACKENDS = ("GDS", "GDS_MT")
 #: NIXL's GDS plugin splits descriptors at 16 MiB and holds 16 batches x 128 I/Os per agent.
 GDS_SPLIT_BYTES = 16 << 20
 GDS_MAX_IOS = 128
-#: POSIX I/O engines in probe order, with the NIXL init params that select them.
+#: POSIX I/O engines in probe order, with the NIXL init params that select them. libaio first:
+#: NIXL writes into new files through it 1.2-1.6x faster than through io_uring (which punts
+#: buffered writes that must allocate blocks to its worker threads), and reads are as fast or
+#: faster, cold or warm (measured: docs/BENCHMARKS.md, "I/O engine").
 POSIX_ENGINES: dict[str, dict[str, str]] = {
-    "uring": {"use_uring": "true"},
     "aio": {"use_aio": "true"},
+    "uring": {"use_uring": "true"},
     "posix_aio": {"use_posix_aio": "true"},
     "sync": {},
 }
@@ -56,6 +59,16 @@ _REG_CACHE_ENTRIES = 8
 
 #: Test hook: called as hook(op, file_descs) before each transfer; raising simulates an I/O fault.
 FaultHook = Callable[[str, np.ndarray], None]
+#: A registered storage: (address, bytes, NIXL memory type).
+RegToken = tuple[int, int, str]
+
+
+@dataclass
+class _Registration:
+    reg: Any  # NIXL's registration handle
+    storage: Any  # keeps the memory alive while it is registered
+    cached: bool  # kept after the last holder releases it (until evicted)
+    holders: int = 0
 
 
 def _import_nixl() -> Any:
@@ -121,8 +134,7 @@ class NixlAgent:
         self._parent: Optional["NixlAgent"] = None
         self._probe_dir = Path(probe_dir or "/tmp")
         self._lock = threading.RLock()
-        self._regs: OrderedDict[tuple[int, int, str], tuple[Any, Any]] = OrderedDict()
-        self._transient: dict[tuple[int, int, str], tuple[Any, Any]] = {}
+        self._regs: OrderedDict[RegToken, _Registration] = OrderedDict()
         self._closed = False
         self.report = ProbeReport()
         self._agent, self.backend = self._select(backend, posix_io, Path(probe_dir or "/tmp"))
@@ -268,53 +280,65 @@ class NixlAgent:
     def mem_type_of(self, tensor: torch.Tensor) -> str:
         return "VRAM" if tensor.device.type == "cuda" else "DRAM"
 
-    def register_tensor(self, tensor: torch.Tensor, *, cache: bool = True) -> Optional[tuple[int, int, str]]:
-        """Make the storage behind ``tensor`` transferable; return a token to release, or None.
+    def register_tensor(self, tensor: torch.Tensor, *, cache: bool = True) -> Optional[RegToken]:
+        """Make the storage behind ``tensor`` transferable; return a token to :meth:`release`
+        once the transfer is done.
 
-        ``cache=True`` registers once and keeps the storage alive and registered for reuse:
-        right for long-lived buffers (an engine's KV cache, a caller's output buffer, staging).
-        ``cache=False`` is for short-lived tensors: the caller must :meth:`release` the token
-        after the transfer. A storage already registered is reused either way (None returned).
+        ``cache=True`` keeps the registration after release, for reuse: right for long-lived
+        buffers (an engine's KV cache, a caller's output buffer, staging); it is evicted, least
+        recently used first, only while no one holds a token for it. ``cache=False`` is for
+        short-lived tensors: deregistered when the last token for it is released. A holder that
+        never releases (a buffer registered for the process's life) pins it.
         """
         return self.register_batch([(tensor, cache)])[0]
 
-    def register_batch(self, items: Sequence[tuple[torch.Tensor, bool]]) -> list[Optional[tuple[int, int, str]]]:
-        """Register every tensor one transfer needs; cache eviction never touches this batch."""
-        tokens: list[Optional[tuple[int, int, str]]] = []
-        batch_keys = set()
+    def register_batch(self, items: Sequence[tuple[torch.Tensor, bool]]) -> list[Optional[RegToken]]:
+        """Register every tensor one transfer needs; one token per item, to release after it.
+
+        Registrations are counted per holder, so two threads moving the same storage at once
+        (two puts of one tensor, a put and a get into one buffer) never see it deregistered
+        under them, and eviction never touches a registration a transfer in flight holds."""
+        tokens: list[Optional[RegToken]] = []
         with self._lock:
             for tensor, cache in items:
                 storage = tensor.untyped_storage()
                 mem = self.mem_type_of(tensor)
                 key = (storage.data_ptr(), storage.nbytes(), mem)
-                batch_keys.add(key)
-                if key in self._regs:
-                    self._regs.move_to_end(key)
-                    tokens.append(None)
-                    continue
-                if key in self._transient:
-                    tokens.append(None)
-                    continue
-                dev = tensor.device.index or 0
-                reg = self._agent.register_memory([(key[0], key[1], dev, "")], mem, backends=[self.backend])
-                if cache:
-                    self._regs[key] = (reg, storage)
-                    tokens.append(None)
-                else:
-                    self._transient[key] = (reg, storage)
-                    tokens.append(key)
-            for key in [k for k in self._regs if k not in batch_keys][: max(0, len(self._regs) - _REG_CACHE_ENTRIES)]:
-                old, _ = self._regs.pop(key)
-                self._agent.deregister_memory(old, backends=[self.backend])
+                entry = self._regs.get(key)
+                if entry is None:
+                    dev = tensor.device.index or 0
+                    reg = self._agent.register_memory([(key[0], key[1], dev, "")], mem, backends=[self.backend])
+                    entry = self._regs[key] = _Registration(reg, storage, cache)
+                entry.cached |= cache
+                entry.holders += 1
+                self._regs.move_to_end(key)
+                tokens.append(key)
+            idle = [k for k, e in self._regs.items() if e.cached and e.holders == 0]
+            for key in idle[: max(0, len(idle) - _REG_CACHE_ENTRIES)]:
+                self._deregister(key)
         return tokens
 
-    def release(self, key: Optional[tuple[int, int, str]]) -> None:
+    def release(self, key: Optional[RegToken]) -> None:
+        """Give back a token from :meth:`register_batch`; the last holder of an uncached
+        registration deregisters it."""
         if key is None:
             return
         with self._lock:
-            entry = self._transient.pop(key, None)
-            if entry is not None:
-                self._agent.deregister_memory(entry[0], backends=[self.backend])
+            entry = self._regs.get(key)
+            if entry is None:
+                return
+            entry.holders = max(0, entry.holders - 1)
+            if entry.holders == 0 and not entry.cached:
+                self._deregister(key)
+
+    def registered(self) -> set[RegToken]:
+        """Storages registered now, as (address, bytes, memory type)."""
+        with self._lock:
+            return set(self._regs)
+
+    def _deregister(self, key: RegToken) -> None:
+        entry = self._regs.pop(key)
+        self._agent.deregister_memory(entry.reg, backends=[self.backend])
 
     @contextmanager
     def files(self, fds: Sequence[int]) -> Iterator[None]:
@@ -447,13 +471,12 @@ class NixlAgent:
         with self._lock:
             if self._closed:
                 return
-            for reg, _ in [*self._regs.values(), *self._transient.values()]:
+            for entry in self._regs.values():
                 try:
-                    self._agent.deregister_memory(reg, backends=[self.backend])
+                    self._agent.deregister_memory(entry.reg, backends=[self.backend])
                 except Exception:
                     pass
             self._regs.clear()
-            self._transient.clear()
             self._closed = True
 
     def info(self) -> dict[str, Any]:

@@ -80,7 +80,7 @@ class StoreConfig(TypedConfig):
     root: Path = Field(default=Path("~/.cache/vua-nixl/store"), description="store root directory")
     chunk_tokens: int = Field(default=256, gt=0, description="tokens per block file")
     backend: Backend = Field(default="auto", description="NIXL backend; auto probes GDS, GDS_MT, POSIX")
-    posix_io: PosixIO = Field(default="auto", description="POSIX backend I/O engine; auto probes uring, aio")
+    posix_io: PosixIO = Field(default="auto", description="POSIX backend I/O engine; auto probes aio (libaio), uring, posix_aio, sync")
     direct_io: bool = Field(default=False, description="open block files with O_DIRECT (GDS always does)")
     fsync: bool = Field(default=False, description="fsync data and directory before publishing a block")
     verify_checksums: bool = Field(default=True, description="check each payload's XXH3 on every load")
