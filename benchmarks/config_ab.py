@@ -123,11 +123,11 @@ def bench_point(model: str, mib: float, settings: dict[str, dict[str, Any]], tot
 
 
 def table(rows: list[dict[str, Any]], ops: list[str]) -> str:
-    head = ["model", "chunk (tokens, segment)"] + [f"{op} A / B GiB/s | **B/A**" for op in ops]
+    head = ["model", "chunk (tokens, segment)"] + [c for op in ops for c in (f"{op} A / B GiB/s", f"**{op} B/A**")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], f"{r['chunk_bytes'] / 2**20:.1f} MiB ({r['chunk_tokens']}, {r['seg_bytes'] >> 10} KiB)"]
-        cells += [f"{r[f'{op}_a_gibs']:.2f} / {r[f'{op}_b_gibs']:.2f} | **{r[f'{op}_ratio']:.2f}**" for op in ops]
+        cells += [c for op in ops for c in (f"{r[f'{op}_a_gibs']:.2f} / {r[f'{op}_b_gibs']:.2f}", f"**{r[f'{op}_ratio']:.2f}**")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -100,7 +100,7 @@ def test_prefill_estimate_and_nixlbench_config() -> None:
     assert cfg.validate() == []
     assert cfg["start_block_size"] == cfg["max_block_size"] == p.chunk_bytes
     assert cfg["max_batch_size"] == p.num_chunks == 4
-    assert cfg["initiator_seg_type"] == "DRAM" and cfg["posix_api_type"] == "URING"
+    assert cfg["initiator_seg_type"] == "DRAM" and cfg["posix_api_type"] == "AIO"
 
 
 def test_unaligned_chunk_rounds_nixlbench_block_up() -> None:

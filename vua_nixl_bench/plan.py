@@ -375,7 +375,7 @@ def nixlbench_config_for(plan: KVPlan, backend: str = "GDS", op: str = "READ", f
     if backend == "GDS_MT":
         values["gds_mt_num_threads"] = 8
     if backend == "POSIX":
-        values["posix_api_type"] = "URING"
+        values["posix_api_type"] = "AIO"  # what the store's posix_io=auto picks (docs/BENCHMARKS.md, "I/O engine")
     comment = (
         f"KV-shaped {op.upper()} for {plan.model}: {plan.tokens} tokens, tp={plan.tp}, {plan.dtype}, "
         f"chunk_tokens={plan.chunk_tokens}\n"
