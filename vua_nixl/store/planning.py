@@ -29,12 +29,11 @@ from vua_nixl.kvlayout import token_dim
 MAX_FILES_PER_TRANSFER = 2048
 #: O_DIRECT alignment for addresses, offsets and lengths (the largest common logical block size).
 DIRECT_ALIGN = 4096
-#: most bytes per pipelined read sub-batch (verification of one overlaps the read of the next).
-PIPELINE_BYTES = 8 << 20
-#: fewest bytes worth a sub-batch of its own (below, per-request costs outweigh the overlap).
-PIPELINE_MIN_BYTES = 2 << 20
-#: sub-batches a large read is cut into, so the unoverlapped last verification is a small share.
-PIPELINE_DEPTH = 16
+#: bytes per pipelined sub-batch. Small enough that a lane verifies a sub-batch right after
+#: copying it, while it is still in the CPU's cache: XXH3 runs at ~40 GiB/s from cache and ~15
+#: from memory here, and 2 MiB sub-batches read 2-4 MiB chunks 1.2x faster than 8 MiB ones
+#: (docs/BENCHMARKS.md); large enough that per-request costs stay small.
+PIPELINE_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -214,18 +213,13 @@ def segments(addrs: np.ndarray, seg_bytes: int, within: Optional[tuple[int, memo
 
 
 def pipeline_groups(n_jobs: int, job_bytes: int) -> list[tuple[int, int]]:
-    """Split ``n_jobs`` chunk reads into balanced sub-batches for read/verify pipelining.
-
-    Aim for about ``PIPELINE_DEPTH`` groups of ``PIPELINE_MIN_BYTES``..``PIPELINE_BYTES`` each,
-    all the same size (give or take one chunk): the last group's verification is the part that
-    cannot overlap a read, so no group may be much larger than the others (a 64 MiB budget over
-    4 MiB + header files used to make 15 + 1).
-    """
+    """Split ``n_jobs`` chunk transfers into sub-batches of about ``PIPELINE_BYTES`` (at least
+    one chunk each), all the same size give or take one chunk: a lane verifies each right after
+    moving it, and the last one's verification, which overlaps nothing, stays small."""
     if n_jobs <= 0:
         return []
     total = n_jobs * job_bytes
-    target = min(PIPELINE_BYTES, max(PIPELINE_MIN_BYTES, total // PIPELINE_DEPTH))
-    ngroups = min(n_jobs, max(1, -(-total // target)))
+    ngroups = min(n_jobs, max(1, -(-total // max(1, PIPELINE_BYTES))))
     bounds = [round(i * n_jobs / ngroups) for i in range(ngroups + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(ngroups) if bounds[i + 1] > bounds[i]]
 
