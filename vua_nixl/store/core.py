@@ -95,6 +95,12 @@ class StoreCore:
         with self._stats_lock:
             return dict(vars(self.stats))
 
+    @property
+    def pipeline_bytes(self) -> Optional[int]:
+        """Sub-batch size from ``pipeline_kib`` (None: the measured default)."""
+        kib = self.config.pipeline_kib
+        return None if kib is None else kib << 10
+
     def hash_in_thread(self) -> bool:
         """Whether checksums should run on a helper thread, overlapped with the transfer.
 

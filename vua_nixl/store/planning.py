@@ -212,14 +212,15 @@ def segments(addrs: np.ndarray, seg_bytes: int, within: Optional[tuple[int, memo
     return [view[o : o + seg_bytes] for o in offs.tolist()]
 
 
-def pipeline_groups(n_jobs: int, job_bytes: int) -> list[tuple[int, int]]:
-    """Split ``n_jobs`` chunk transfers into sub-batches of about ``PIPELINE_BYTES`` (at least
-    one chunk each), all the same size give or take one chunk: a lane verifies each right after
-    moving it, and the last one's verification, which overlaps nothing, stays small."""
+def pipeline_groups(n_jobs: int, job_bytes: int, target: Optional[int] = None) -> list[tuple[int, int]]:
+    """Split ``n_jobs`` chunk transfers into sub-batches of about ``target`` bytes (default
+    ``PIPELINE_BYTES``; at least one chunk each), all the same size give or take one chunk: a
+    lane verifies each right after moving it, and the last one's verification, which overlaps
+    nothing, stays small."""
     if n_jobs <= 0:
         return []
     total = n_jobs * job_bytes
-    ngroups = min(n_jobs, max(1, -(-total // max(1, PIPELINE_BYTES))))
+    ngroups = min(n_jobs, max(1, -(-total // max(1, target or PIPELINE_BYTES))))
     bounds = [round(i * n_jobs / ngroups) for i in range(ngroups + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(ngroups) if bounds[i + 1] > bounds[i]]
 

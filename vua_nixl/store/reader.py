@@ -140,7 +140,7 @@ class BlockReader:
                 regs = core.agent.register_batch([(m, p.user_out and m is p.out_view) for m, p in zip(mems, plans)])  # type: ignore[misc]
                 mem_type = core.agent.mem_type_of(mems[0])  # type: ignore[arg-type]
                 hdr_m, hdr_f, pay_m, pay_f, seg_addrs = read_rows(geo, jobs, arena)
-                groups = planning.pipeline_groups(len(jobs), geo.file_bytes)
+                groups = planning.pipeline_groups(len(jobs), geo.file_bytes, core.pipeline_bytes)
                 checks: list[Any] = []
                 hashing = core.config.verify_checksums or core.chain.sealed
                 lanes = core.lanes(mem_type) if len(groups) > 1 else [core.agent]

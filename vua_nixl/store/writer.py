@@ -184,7 +184,7 @@ class BlockWriter:
         arena = core.arenas["WRITE"]
         hm, hf, pm, pf = rows
         nseg, poff = geo.nseg, geo.payload_off
-        groups = planning.pipeline_groups(len(sealers), geo.file_bytes)
+        groups = planning.pipeline_groups(len(sealers), geo.file_bytes, core.pipeline_bytes)
 
         def work(agent: NixlAgent, ks: list[int]) -> None:
             assert arena.buf is not None
