@@ -135,10 +135,19 @@ class StoreCore:
                                                      else n - 1, thread_name_prefix="vua-nixl-lane")
         return [self.agent, *self._lanes[: n - 1]]
 
-    def run_on_lanes(self, lanes: list[NixlAgent], nitems: int, work: Callable[[NixlAgent, list[int]], None]) -> None:
-        """``work(agent, items)`` with items 0..nitems-1 dealt round-robin over ``lanes``; the
-        first lane runs on this thread. Returns or raises (the first error) only after every
-        lane has finished, so no transfer is still writing into memory the caller reuses."""
+    def run_on_lanes(self, lanes: list[NixlAgent], nitems: int, step: Callable[[NixlAgent, int], None],
+                     tensors: Sequence[tuple[torch.Tensor, bool]], fds_of: Callable[[int], Sequence[int]]) -> None:
+        """``step(agent, k)`` for sub-batches k = 0..nitems-1 dealt round-robin over ``lanes``,
+        each lane taking its share in order; the first lane runs on this thread. A twin lane
+        first registers the batch's memory (``tensors``, as in :meth:`NixlAgent.register_batch`)
+        and the files of its share (``fds_of(k)``). Returns or raises (the first error) only
+        after every lane has finished, so no transfer is still writing into memory the caller
+        reuses."""
+        def work(agent: NixlAgent, ks: list[int]) -> None:
+            with self._lane_holds(agent, tensors, [fd for k in ks for fd in fds_of(k)]):
+                for k in ks:
+                    step(agent, k)
+
         parts = [list(range(i, nitems, len(lanes))) for i in range(len(lanes))]
         pool = self._lane_pool
         assert pool is not None or len(lanes) == 1
@@ -157,9 +166,8 @@ class StoreCore:
             raise error
 
     @contextmanager
-    def lane_holds(self, agent: NixlAgent, tensors: Sequence[tuple[torch.Tensor, bool]], fds: Sequence[int]) -> Iterator[None]:
-        """On a twin lane: register the batch's memory (``(tensor, keep)`` as in
-        :meth:`NixlAgent.register_batch`) and ``fds`` for one lane's share, released after. The
+    def _lane_holds(self, agent: NixlAgent, tensors: Sequence[tuple[torch.Tensor, bool]], fds: Sequence[int]) -> Iterator[None]:
+        """On a twin lane: register ``tensors`` and ``fds`` for its share, released after. The
         store's own agent already holds the batch's registrations: nothing to do there."""
         if agent is self.agent:
             yield

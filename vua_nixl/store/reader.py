@@ -189,18 +189,16 @@ class BlockReader:
         hdr_m, hdr_f, pay_m, pay_f = rows
         results: list[list[Optional[str]]] = [[] for _ in groups]
 
-        def work(agent: NixlAgent, ks: list[int]) -> None:
-            assert arena.buf is not None
-            mems = [(p.mem, p.user_out and p.mem is p.out_view) for p in plans] + [(arena.buf, False)]
-            fds = [jobs[j][0].fds[jobs[j][1]] for k in ks for j in range(*groups[k])]
-            with core.lane_holds(agent, mems, fds):  # type: ignore[arg-type]
-                for k in ks:
-                    lo, hi = groups[k]
-                    seg = slice(lo * nseg, hi * nseg)
-                    transfer_rows(agent, "READ", hdr_m[lo:hi], hdr_f[lo:hi], pay_m[seg], pay_f[seg], "DRAM")
-                    results[k] = self._check_range(jobs, lo, hi, arena, seg_addrs)
+        def step(agent: NixlAgent, k: int) -> None:
+            lo, hi = groups[k]
+            seg = slice(lo * nseg, hi * nseg)
+            transfer_rows(agent, "READ", hdr_m[lo:hi], hdr_f[lo:hi], pay_m[seg], pay_f[seg], "DRAM")
+            results[k] = self._check_range(jobs, lo, hi, arena, seg_addrs)
 
-        core.run_on_lanes(lanes, len(groups), work)
+        assert arena.buf is not None
+        mems = [(p.mem, p.user_out and p.mem is p.out_view) for p in plans] + [(arena.buf, False)]
+        core.run_on_lanes(lanes, len(groups), step, mems,  # type: ignore[arg-type]
+                          lambda k: [jobs[j][0].fds[jobs[j][1]] for j in range(*groups[k])])
         return results
 
     def _retry(self, jobs: list[Job], hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray,

@@ -124,10 +124,11 @@ class BlockWriter:
                     for j, hdr in enumerate(headers):
                         ctypes.memmove(arena.addr + j * poff, hdr, len(hdr))
 
-                lanes = core.lanes(mem_type) if len(jobs) > 1 else [core.agent]
+                groups = planning.pipeline_groups(len(jobs), geo.file_bytes, core.pipeline_bytes)
+                lanes = core.lanes(mem_type) if len(groups) > 1 else [core.agent]
                 with device_ctx, core.agent.files(fds):
                     if len(lanes) > 1:
-                        self._write_on_lanes(lanes, sealers, list(host_mem.values()), fds, (hm, hf, pm, pf))
+                        self._write_on_lanes(lanes, groups, sealers, list(host_mem.values()), fds, (hm, hf, pm, pf))
                     elif mem_type == "DRAM" and len(jobs) > 1 and core.hash_in_thread():
                         # Digests on a helper thread while this one drives the payload write;
                         # the headers that carry them go in a second request, before any rename.
@@ -149,7 +150,7 @@ class BlockWriter:
             for fd in fds:
                 os.close(fd)
             fds = []
-            dirs = self._publish(temps, chunks, self._checked)
+            dirs = self._publish(temps, chunks)
             temps = []
             if core.config.fsync:
                 for d in dirs:
@@ -175,8 +176,8 @@ class BlockWriter:
             for reg in regs:
                 core.agent.release(reg)
 
-    def _write_on_lanes(self, lanes: list[NixlAgent], sealers: list[Callable[[], bytes]], sources: list[torch.Tensor],
-                        fds: list[int], rows: tuple[np.ndarray, ...]) -> None:
+    def _write_on_lanes(self, lanes: list[NixlAgent], groups: list[tuple[int, int]], sealers: list[Callable[[], bytes]],
+                        sources: list[torch.Tensor], fds: list[int], rows: tuple[np.ndarray, ...]) -> None:
         """Sub-batches dealt over I/O lanes: each lane computes its chunks' digests and headers,
         then writes them (headers and payloads in one request), so checksums and copies run on
         every lane's CPU at once. Raises after every lane stopped; nothing is renamed here."""
@@ -184,21 +185,18 @@ class BlockWriter:
         arena = core.arenas["WRITE"]
         hm, hf, pm, pf = rows
         nseg, poff = geo.nseg, geo.payload_off
-        groups = planning.pipeline_groups(len(sealers), geo.file_bytes, core.pipeline_bytes)
 
-        def work(agent: NixlAgent, ks: list[int]) -> None:
-            assert arena.buf is not None
-            mems = [(src, False) for src in sources] + [(arena.buf, False)]
-            with core.lane_holds(agent, mems, [fds[j] for k in ks for j in range(*groups[k])]):
-                for k in ks:
-                    lo, hi = groups[k]
-                    for j in range(lo, hi):
-                        hdr = sealers[j]()
-                        ctypes.memmove(arena.addr + j * poff, hdr, len(hdr))
-                    seg = slice(lo * nseg, hi * nseg)
-                    transfer_rows(agent, "WRITE", hm[lo:hi], hf[lo:hi], pm[seg], pf[seg], "DRAM")
+        def step(agent: NixlAgent, k: int) -> None:
+            lo, hi = groups[k]
+            for j in range(lo, hi):
+                hdr = sealers[j]()
+                ctypes.memmove(arena.addr + j * poff, hdr, len(hdr))
+            seg = slice(lo * nseg, hi * nseg)
+            transfer_rows(agent, "WRITE", hm[lo:hi], hf[lo:hi], pm[seg], pf[seg], "DRAM")
 
-        core.run_on_lanes(lanes, len(groups), work)
+        assert arena.buf is not None
+        core.run_on_lanes(lanes, len(groups), step, [(src, False) for src in sources] + [(arena.buf, False)],
+                          lambda k: fds[slice(*groups[k])])
 
     def _sealer(self, src: torch.Tensor, ci: int, addrs: np.ndarray, expected: ExpectedBlock) -> Callable[[], bytes]:
         """The encoded header of chunk ``ci`` of ``src``, to be computed when asked: its payload
@@ -213,14 +211,14 @@ class BlockWriter:
             return encode_header(header)
         return seal
 
-    def _publish(self, temps: list[str], chunks: list[StoredChunk], checked: set[str]) -> set[str]:
+    def _publish(self, temps: list[str], chunks: list[StoredChunk]) -> set[str]:
         """Rename every temporary into place; return the directories touched. A fan-out directory
         is checked once per process to be a real directory inside the root (a symlink planted
         there must not make a put publish outside it)."""
         dirs: set[str] = set()
         for tmp, chunk in zip(temps, chunks):
             d = os.path.dirname(chunk.path)
-            if d not in dirs and d not in checked:
+            if d not in dirs and d not in self._checked:
                 self._make_dir(d)
             dirs.add(d)
             try:
@@ -228,7 +226,7 @@ class BlockWriter:
             except FileNotFoundError:  # a directory known to this process was removed (gc of empty dirs)
                 if not os.path.exists(tmp):
                     raise
-                checked.discard(d)
+                self._checked.discard(d)
                 self._make_dir(d)
                 os.replace(tmp, chunk.path)
         return dirs
