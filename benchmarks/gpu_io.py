@@ -32,7 +32,7 @@ import torch
 import xxhash
 
 from vua_nixl import KVLayout, KVStore, Namespace
-from vua_nixl.agent import NixlAgent, aligned_empty
+from vua_nixl.agent import GDS_BACKENDS, NixlAgent, aligned_empty
 from vua_nixl.digest import proj64
 from vua_nixl.errors import VuaNixlError
 
@@ -55,10 +55,16 @@ def best(fn: Any, repeat: int) -> float:
 
 
 def raw_nixl(agent: NixlAgent, root: Path, nbytes: int, chunks: int, device: str, repeat: int) -> dict[str, float]:
-    """One registered buffer, one O_DIRECT file, one descriptor per chunk, one request per batch."""
+    """One registered buffer, one O_DIRECT file, one descriptor per chunk, one request per batch.
+    A backend without VRAM support (POSIX on a GPU host) moves the data through one page-aligned
+    host buffer and a device copy each way, as the store's staging does."""
     total = nbytes * chunks
-    buf = torch.empty(total, dtype=torch.uint8, device=device) if device.startswith("cuda") else aligned_empty((total,), torch.uint8)
-    buf.random_(0, 255)
+    src = torch.empty(total, dtype=torch.uint8, device=device)
+    src.random_(0, 255)
+    bounce = device.startswith("cuda") and not agent.supports("VRAM_SEG")
+    buf = src if device.startswith("cuda") and not bounce else aligned_empty((total,), torch.uint8)
+    if buf is not src:
+        buf.copy_(src)
     path = root / "raw.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o600)
     os.posix_fallocate(fd, 0, total)
@@ -66,10 +72,21 @@ def raw_nixl(agent: NixlAgent, root: Path, nbytes: int, chunks: int, device: str
     mem = np.array([(buf.data_ptr() + i * nbytes, nbytes, buf.device.index or 0) for i in range(chunks)], dtype=np.uint64)
     fil = np.array([(i * nbytes, nbytes, fd) for i in range(chunks)], dtype=np.uint64)
     kind = agent.mem_type_of(buf)
+    def write() -> None:
+        if bounce:
+            buf.copy_(src)
+        agent.transfer("WRITE", mem, fil, kind)
+
+    def read() -> None:
+        agent.transfer("READ", mem, fil, kind)
+        if bounce:
+            src.copy_(buf)
+            sync(device)
+
     try:
         with agent.files([fd]):
-            w = best(lambda: agent.transfer("WRITE", mem, fil, kind), repeat)
-            r = best(lambda: agent.transfer("READ", mem, fil, kind), repeat)
+            w = best(write, repeat)
+            r = best(read, repeat)
     finally:
         agent.release(token)
         os.close(fd)
@@ -109,6 +126,21 @@ def digests(device: str) -> dict[str, float]:
     return out
 
 
+def print_row(r: dict[str, Any]) -> None:
+    if "error" in r:
+        print(f"{r['backend']:8} unavailable: {r['error'][:90]}", flush=True)
+        return
+    raw, st, nc = r["raw"], r["store"], r["store-nocheck"]
+    for label, part in (("raw", raw), ("store", st)):
+        if "error" in part:
+            print(f"{r['backend']:8} {r['chunk_MiB']:>4} {label} failed: {part['error']}", flush=True)
+            return
+    ncr = f"{nc['read_GBps'] / raw['read_GBps']:.2f}" if "read_GBps" in nc else "refused"
+    print(f"{r['backend']:8} {r['chunk_MiB']:>4} {raw['write_GBps']:7.2f} {raw['read_GBps']:7.2f} {st['write_GBps']:8.2f} "
+          f"{st['read_GBps']:8.2f} {st['write_GBps'] / raw['write_GBps']:6.2f} {st['read_GBps'] / raw['read_GBps']:6.2f}  {ncr}"
+          f"{'  (' + r['gds_mode'] + ')' if r.get('gds_mode') else ''}", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 64], help="chunk sizes in MiB")
@@ -122,41 +154,42 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     base = Path(args.root or tempfile.mkdtemp(prefix="vua-gpu-io-"))
     base.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"rows": [], "gpu": gpu}
+    rows: list[dict[str, Any]] = result["rows"]
+    # Each row is printed and saved as soon as it is measured: on a leased GPU host a step may be
+    # cut off by its time limit, and the rows measured by then are what the run is for.
+    print(f"device {args.device} ({gpu or 'no GPU'}), root {base}", flush=True)
+    print(f"{'backend':8} {'MiB':>4} {'raw W':>7} {'raw R':>7} {'store W':>8} {'store R':>8} {'W/raw':>6} {'R/raw':>6}  nocheck R/raw", flush=True)
     for backend in args.backends if args.device.startswith("cuda") else ["POSIX"]:
         try:
             agent = NixlAgent(backend, probe_dir=base, direct_io=True)
         except VuaNixlError as exc:
             rows.append({"backend": backend, "error": str(exc)})
+            print_row(rows[-1])
             continue
         for mib in args.sizes:
             nbytes = mib << 20
             row: dict[str, Any] = {"backend": backend, "chunk_MiB": mib, "device": args.device}
-            row["raw"] = raw_nixl(agent, base, nbytes, args.chunks, args.device, args.repeat)
-            for label, check in (("store", True), ("store-nocheck", False)):
+            if backend in GDS_BACKENDS:
+                row["gds_mode"] = agent.info().get("gds_mode")
+            for label, check in (("raw", None), ("store", True), ("store-nocheck", False)):
                 try:
-                    row[label] = store_io(backend, base, nbytes, args.chunks, args.device, args.repeat, check)
-                except VuaNixlError as exc:
-                    row[label] = {"error": str(exc)[:120]}
+                    if check is None:
+                        row[label] = raw_nixl(agent, base, nbytes, args.chunks, args.device, args.repeat)
+                    else:
+                        row[label] = store_io(backend, base, nbytes, args.chunks, args.device, args.repeat, check)
+                except Exception as exc:  # noqa: BLE001 - one failed point must not lose the others
+
+                    row[label] = {"error": f"{type(exc).__name__}: {exc}"[:160]}
             rows.append(row)
+            print_row(row)
+            (out / "results.json").write_text(json.dumps(result, indent=2))
         agent.close()
-    result = {"rows": rows, "digests": digests(args.device), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    print(f"device {args.device} ({result['gpu'] or 'no GPU'}), root {base}")
-    print(f"{'backend':8} {'MiB':>4} {'raw W':>7} {'raw R':>7} {'store W':>8} {'store R':>8} {'W/raw':>6} {'R/raw':>6}  nocheck R/raw")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['backend']:8} unavailable: {r['error'][:90]}")
-            continue
-        raw, st, nc = r["raw"], r["store"], r["store-nocheck"]
-        if "error" in st:
-            print(f"{r['backend']:8} {r['chunk_MiB']:>4} store failed: {st['error']}")
-            continue
-        ncr = f"{nc['read_GBps'] / raw['read_GBps']:.2f}" if "read_GBps" in nc else "refused"
-        print(f"{r['backend']:8} {r['chunk_MiB']:>4} {raw['write_GBps']:7.2f} {raw['read_GBps']:7.2f} {st['write_GBps']:8.2f} "
-              f"{st['read_GBps']:8.2f} {st['write_GBps'] / raw['write_GBps']:6.2f} {st['read_GBps'] / raw['read_GBps']:6.2f}  {ncr}")
-    print("digests (GB/s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["digests"].items()))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    result["digests"] = digests(args.device)
+    print("digests (GB/s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["digests"].items()), flush=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     if not args.root:
         shutil.rmtree(base, ignore_errors=True)

@@ -583,12 +583,20 @@ def test_store_env_is_store_config():
 def test_gds_option_is_marked_and_valid():
     for name in DGD_FILES:
         text = (DEPLOY / name).read_text()
-        assert text.count(GDS_BEGIN) == text.count(GDS_END) == len(workers(load(name)[0])), name
+        # three blocks per worker: the env variable, the /run/udev mount and its volume
+        assert text.count(GDS_BEGIN) == text.count(GDS_END) == 3 * len(workers(load(name)[0])), name
         assert "OPTION GDS" in text.split("apiVersion:")[0], f"{name}: header must point at the option"
         for comp in workers(load_text(gds_enabled(text))[0]):
             assert env_of(comp)["NVIDIA_GDS"]["value"] == "enabled", (name, comp["name"])
+            # cuFile reads the file system's udev entry: without the host's /run/udev every file
+            # registration fails (seen on an H200 VM) and the store falls back to POSIX
+            vols = {v["name"]: v for v in comp["podTemplate"]["spec"]["volumes"]}
+            mounts = {m["name"]: m for m in main_container(comp)["volumeMounts"]}
+            assert vols["udev"]["hostPath"]["path"] == "/run/udev", (name, comp["name"])
+            assert mounts["udev"] == {"name": "udev", "mountPath": "/run/udev", "readOnly": True}, (name, comp["name"])
         for comp in workers(load(name)[0]):
             assert "NVIDIA_GDS" not in env_of(comp), "GDS is opt-in"
+            assert "udev" not in {m["name"] for m in main_container(comp)["volumeMounts"]}, "GDS is opt-in"
 
 
 # ---- DYN_NAMESPACE ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from helpers import same_bytes
 from vua_nixl import KVLayout, KVStore, Namespace
 from vua_nixl.agent import AUTO_ORDER, GDS_MAX_IOS, GDS_SPLIT_BYTES, NixlAgent, gds_mode, plan_requests
 from vua_nixl.digest import PROJ64, proj64, proj64_reference
-from vua_nixl.errors import InvalidInputError
+from vua_nixl.errors import InvalidInputError, TransferError
 from vua_nixl.format import decode_header
 from vua_nixl.store import planning
 from vua_nixl.store.planning import group_by_memory, memory_kind
@@ -135,3 +135,88 @@ def test_a_block_with_the_gpu_digest_is_verified_on_a_cpu_host(tmp_path, monkeyp
             f.seek(-100, os.SEEK_END)
             f.write(bytes([b[0] ^ 4]))
         assert s.get(toks).tokens == 64
+
+
+# ---- descriptors cuFile accepts ---------------------------------------------------------------
+
+_REFUSED_BY_CUFILE = os.O_NONBLOCK | os.O_NOFOLLOW
+
+
+def test_reopened_descriptor_is_the_checked_file_without_the_flags_cufile_refuses(tmp_path):
+    """cuFile refuses fds opened with O_NONBLOCK or O_NOFOLLOW (seen on an H200 host, err 5019);
+    the reopen must reach the very file that was checked, even if its name was swapped since."""
+    import fcntl
+
+    from vua_nixl.safeio import open_regular, reopen_plain
+
+    good, evil = tmp_path / "block.kv", tmp_path / "evil"
+    good.write_bytes(b"good" * 1024)
+    evil.write_bytes(b"evil" * 1024)
+    fd = open_regular(good)
+    assert fcntl.fcntl(fd, fcntl.F_GETFL) & _REFUSED_BY_CUFILE == _REFUSED_BY_CUFILE
+    good.unlink()
+    good.symlink_to(evil)  # swapped for a symlink after the check
+    plain = reopen_plain(fd, os.O_RDONLY)
+    try:
+        assert fcntl.fcntl(plain, fcntl.F_GETFL) & _REFUSED_BY_CUFILE == 0
+        assert os.fstat(plain).st_ino == os.fstat(fd).st_ino != os.stat(evil).st_ino
+        assert os.pread(plain, 4, 0) == b"good"
+    finally:
+        os.close(plain)
+        os.close(fd)
+
+
+def test_a_gds_reader_registers_only_descriptors_cufile_accepts(tmp_path, monkeypatch):
+    """An agent that, like a GDS one, takes only plain fds: every block fd the reader registers
+    lacks the refused flags, and the bytes still come back exactly."""
+    import fcntl
+
+    layout = KVLayout(num_layers=2, kv_heads=2, head_dim=64)
+    ns = Namespace(model="m", dtype="bfloat16", layout=layout)
+    toks = np.arange(192)
+    kv = torch.randn(layout.shape(192)).to(torch.bfloat16)
+    with KVStore(tmp_path / "r", ns, chunk_tokens=64, backend="POSIX") as s:
+        assert s.put(toks, kv) == 192
+        flags: list[int] = []
+        real_files = s.agent.files
+
+        def files(fds):
+            flags.extend(fcntl.fcntl(fd, fcntl.F_GETFL) for fd in fds)
+            return real_files(fds)
+
+        monkeypatch.setattr(s.agent, "plain_fds_only", True)
+        monkeypatch.setattr(s.agent, "files", files)
+        res = s.get(toks)
+        assert res.tokens == 192 and same_bytes(res.kv, kv)
+        assert len(flags) >= 3 and all(f & _REFUSED_BY_CUFILE == 0 for f in flags)
+        from vua_nixl.audit import verify
+
+        flags.clear()
+        assert verify(tmp_path / "r", agent=s.agent) == (3, [])  # the audit reads each block too
+        assert len(flags) == 3 and all(f & _REFUSED_BY_CUFILE == 0 and f & os.O_DIRECT for f in flags)
+
+
+def test_a_refused_file_registration_is_a_miss_not_a_crash(tmp_path, monkeypatch):
+    """NIXL raises its own untyped error when a backend refuses a file (cuFile did, for every block,
+    on a GPU host): the agent turns it into TransferError and a get into a miss, blaming no block."""
+    layout = KVLayout(num_layers=2, kv_heads=2, head_dim=64)
+    ns = Namespace(model="m", dtype="bfloat16", layout=layout)
+    toks = np.arange(128)
+    kv = torch.randn(layout.shape(128)).to(torch.bfloat16)
+    with KVStore(tmp_path / "r", ns, chunk_tokens=64, backend="POSIX") as s:
+        assert s.put(toks, kv) == 128
+        real = s.agent._agent.register_memory
+
+        def refuse_files(descs, mem_type, **kw):
+            if mem_type == "FILE":
+                raise RuntimeError("NIXL_ERR_BACKEND")
+            return real(descs, mem_type, **kw)
+
+        monkeypatch.setattr(s.agent._agent, "register_memory", refuse_files)
+        with pytest.raises(TransferError, match="POSIX refused to register 1 file"):
+            with s.agent.files([os.open(s.block_path(s.keys_for(toks)[0]), os.O_RDONLY)]):
+                pass
+        assert s.get(toks) == (0, None)
+        monkeypatch.setattr(s.agent._agent, "register_memory", real)
+        res = s.get(toks)  # nothing was quarantined
+        assert res.tokens == 128 and same_bytes(res.kv, kv)

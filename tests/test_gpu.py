@@ -9,14 +9,18 @@ and GPU memory in one batch, unaligned destinations, the GPU digest, and device 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from vua_nixl import KVLayout, KVStore, Namespace
-from vua_nixl.digest import PROJ64, proj64
+from vua_nixl.agent import GDS_BACKENDS
+from vua_nixl.digest import PROJ64, XXH3, proj64
 from vua_nixl.errors import TransferError
 from vua_nixl.format import decode_header
+from vua_nixl.safeio import open_regular, reopen_plain
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -55,9 +59,11 @@ def test_model_shaped_kv_round_trips_through_vram(tmp_path, shape, backend):
         assert res.kv.is_cuda and same(res.kv, kv)
         out = torch.empty_like(kv)
         assert s.get(toks, out=out).tokens == 4 * CHUNK and same(out, kv)
-        # a block written from VRAM records the GPU digest; a host reader verifies it too
+        # A block written straight from VRAM (GDS) records the GPU digest; one staged through host
+        # memory (POSIX on a GPU host) is digested on the host copy with XXH3. Either way a
+        # reader on the other kind of memory verifies it too.
         hdr = decode_header(open(s.block_path(s.keys_for(toks)[0]), "rb").read(65536))
-        assert hdr.alg == PROJ64
+        assert hdr.alg == (PROJ64 if s.backend in GDS_BACKENDS else XXH3)
         assert same(s.get(toks, device="cpu").kv, kv)
 
 
@@ -162,6 +168,27 @@ def test_second_gpu_keeps_its_device(tmp_path):
         res = s.get(np.arange(2 * CHUNK), device="cuda:1")
         assert res.kv.device.index == 1 and same(res.kv, kv)
         assert torch.cuda.current_device() == 0  # registration did not move this thread's device
+
+
+def test_cufile_refuses_the_guarded_flags_and_takes_the_reopened_fd(tmp_path):
+    """What the GDS reader's reopen is for: cuFile refuses an fd opened O_NONBLOCK or O_NOFOLLOW
+    (CU_FILE_INVALID_FILE_OPEN_FLAG; first seen on an H200 VM, where every GDS get failed)."""
+    with store(tmp_path, SHAPES["llama-3.1-8b"]) as s:
+        if s.backend not in GDS_BACKENDS:
+            pytest.skip(f"GDS not usable here: {s.agent.report.summary()}")
+        path = tmp_path / "block.bin"
+        path.write_bytes(bytes(1 << 16))
+        guarded = open_regular(path, os.O_RDONLY | os.O_DIRECT)
+        plain = reopen_plain(guarded, os.O_RDONLY | os.O_DIRECT)
+        try:
+            with pytest.raises(TransferError, match="refused to register"):
+                with s.agent.files([guarded]):
+                    pass
+            with s.agent.files([plain]):
+                pass
+        finally:
+            os.close(plain)
+            os.close(guarded)
 
 
 def test_gds_is_selected_where_the_host_has_it(tmp_path):

@@ -139,6 +139,9 @@ class NixlAgent:
         self.report = ProbeReport()
         self._agent, self.backend = self._select(backend, posix_io, Path(probe_dir or "/tmp"))
         self.mem_types: list[str] = list(self._agent.get_backend_mem_types(self.backend))
+        #: cuFile refuses a file descriptor opened with O_NONBLOCK or O_NOFOLLOW (err 5019), the
+        #: flags the store opens shared-root files with: GDS readers reopen each checked file plainly.
+        self.plain_fds_only: bool = self.backend in GDS_BACKENDS
         log.info(self.report.summary())
 
     @classmethod
@@ -205,6 +208,8 @@ class NixlAgent:
                     self._probe(agent, cand, probe_dir)
                 except Exception as exc:
                     reason = f"{type(exc).__name__}: {exc}".strip(": ")
+                    if cand in GDS_BACKENDS:
+                        reason += cufile_hint(probe_dir)
                     self.report.rejected.append((label, reason))
                     del agent
                     continue
@@ -347,7 +352,10 @@ class NixlAgent:
             yield
             return
         with self._lock:
-            reg = self._agent.register_memory([(0, 0, fd, "") for fd in fds], "FILE", backends=[self.backend])
+            try:
+                reg = self._agent.register_memory([(0, 0, fd, "") for fd in fds], "FILE", backends=[self.backend])
+            except Exception as exc:  # nixl raises its own untyped errors; callers handle TransferError
+                raise TransferError(f"{self.backend} refused to register {len(fds)} file(s): {exc}") from exc
         try:
             yield
         finally:
@@ -575,6 +583,22 @@ def plan_requests(file_descs: np.ndarray, max_ios: int, split_bytes: int) -> lis
     if len(ios):
         spans.append((lo, len(ios)))
     return spans
+
+
+def cufile_hint(path: Path) -> str:
+    """Why cuFile likely refused files under ``path``, where this host shows a known cause.
+
+    cuFile learns a file system's type from udev's database entry for its block device; inside a
+    VM or a container without ``/run/udev`` there is none, and ``cuFileHandleRegister`` then fails
+    for every file (seen on an H200 VM: "unable to get volume attributes", err 5027)."""
+    try:
+        dev = os.stat(path).st_dev
+    except OSError:
+        return ""
+    entry = f"/run/udev/data/b{os.major(dev)}:{os.minor(dev)}"
+    if os.major(dev) == 0 or os.path.exists(entry):  # 0: not a block device (NFS, tmpfs, overlay)
+        return ""
+    return f" (cuFile needs udev data for the file system's device and {entry} is missing: mount /run/udev from the host)"
 
 
 def gds_mode() -> str:

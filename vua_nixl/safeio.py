@@ -50,6 +50,16 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
     return fd
 
 
+def reopen_plain(fd: int, flags: int) -> int:
+    """A second descriptor for the file ``fd`` is open on, opened with ``flags`` alone.
+
+    cuFile refuses to register a descriptor opened with ``O_NOFOLLOW`` or ``O_NONBLOCK``
+    (CU_FILE_INVALID_FILE_OPEN_FLAG), and ``O_NOFOLLOW`` cannot be cleared with ``fcntl``. Opening
+    ``/proc/self/fd/N`` reaches the very inode ``fd`` was checked on, so no name on the shared
+    root is looked up again and nothing planted there since can be swapped in."""
+    return os.open(f"/proc/self/fd/{fd}", flags | getattr(os, "O_CLOEXEC", 0))
+
+
 def read_capped(path: str | os.PathLike[str], cap: int = METADATA_CAP) -> bytes:
     """The whole content of a regular file of at most ``cap`` bytes."""
     fd = open_regular(path)

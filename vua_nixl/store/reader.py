@@ -28,7 +28,7 @@ from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError, 
 from vua_nixl.format import decode_header
 from vua_nixl.kvlayout import token_dim
 from vua_nixl.paths import StorePaths
-from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular
+from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular, reopen_plain
 from vua_nixl.store import planning
 from vua_nixl.store.core import StoreCore, on_device
 from vua_nixl.store.planning import Arena, Plan, dram_rows, read_rows, transfer_rows
@@ -112,6 +112,16 @@ class BlockReader:
                 self.quarantine(path, f"size {size} != expected {core.geo.file_bytes}", fd)
                 os.close(fd)
                 break
+            if core.agent.plain_fds_only:
+                try:
+                    plain = reopen_plain(fd, flags)
+                except OSError as exc:
+                    log.warning("cannot reopen %s for %s: %s", path, core.agent.backend, exc.strerror)
+                    core.bump(io_errors=1)
+                    os.close(fd)
+                    break
+                os.close(fd)
+                fd = plain
             plan.fds.append(fd)
             plan.paths.append(path)
         plan.n = len(plan.fds)
