@@ -66,7 +66,8 @@ if ! ls /dev/nvidia-fs* >/dev/null 2>&1 && [ -z "${CUFILE_ENV_PATH_JSON:-}" ]; t
 { "logging": { "dir": "$(cd "$OUT" && pwd)", "level": "INFO" },
   "properties": { "allow_compat_mode": true, "use_compat_mode": true } }
 JSON
-  export CUFILE_ENV_PATH_JSON="$GPU_IO_ROOT/cufile.json" CUFILE_FORCE_COMPAT_MODE=true
+  # auto skips GDS in compat mode (POSIX is faster there); the GPU tests are here to run it
+  export CUFILE_ENV_PATH_JSON="$GPU_IO_ROOT/cufile.json" CUFILE_FORCE_COMPAT_MODE=true VUA_NIXL_GDS_COMPAT=true
 fi
 # cuFile learns the file system's type from udev's entry for its block device; a VM or container
 # without udev has none, and then every cuFileHandleRegister fails (err 5027). Run as root on

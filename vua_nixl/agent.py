@@ -123,8 +123,10 @@ class NixlAgent:
         backend_params: Optional[dict[str, dict[str, str]]] = None,
         max_ios_per_request: int = GDS_MAX_IOS,
         split_bytes: int = GDS_SPLIT_BYTES,
+        gds_compat: bool = False,
     ):
         self.timeout_s = timeout_s
+        self.gds_compat = gds_compat
         self.backend_params = backend_params or {}
         self.max_ios_per_request = max_ios_per_request
         self.split_bytes = split_bytes
@@ -155,7 +157,8 @@ class NixlAgent:
             params["GDS"] = {"batch_pool_size": str(cfg.gds_batch_pool), "batch_limit": str(cfg.gds_max_ios)}
         return cls(cfg.backend, posix_io=cfg.posix_io, probe_dir=probe_dir, name=name or cfg.agent_name,
                    direct_io=cfg.direct_io, timeout_s=cfg.transfer_timeout_s, backend_params=params,
-                   max_ios_per_request=cfg.gds_max_ios, split_bytes=cfg.gds_split_mib << 20)
+                   max_ios_per_request=cfg.gds_max_ios, split_bytes=cfg.gds_split_mib << 20,
+                   gds_compat=cfg.gds_compat)
 
     def twin(self) -> "NixlAgent":
         """Another agent on the same backend and I/O engine, for a second I/O lane: NIXL moves
@@ -165,7 +168,8 @@ class NixlAgent:
         twin = NixlAgent(self.backend, posix_io=self.report.engine or "auto", probe_dir=self._probe_dir,
                          name=f"{self.name}-lane-{uuid.uuid4().hex[:4]}", direct_io=self.direct_io,
                          timeout_s=self.timeout_s, backend_params=self.backend_params,
-                         max_ios_per_request=self.max_ios_per_request, split_bytes=self.split_bytes)
+                         max_ios_per_request=self.max_ios_per_request, split_bytes=self.split_bytes,
+                         gds_compat=self.gds_compat)
         twin._parent = self
         return twin
 
@@ -195,6 +199,12 @@ class NixlAgent:
                 label = f"{cand}/{engine}" if engine else cand
                 if cand in ("GDS", "GDS_MT") and not torch.cuda.is_available():
                     self.report.rejected.append((label, "no CUDA device visible to torch"))
+                    break
+                if cand in GDS_BACKENDS and backend == "auto" and not self.gds_compat and gds_mode() == "compat":
+                    # cuFile's compat mode is POSIX I/O through its own bounce buffer: on an H200
+                    # host the store read 0.8-1.2 GB/s through it and 1.7-2.2 through POSIX.
+                    self.report.rejected.append((label, "cuFile has only compat mode here (no nvidia-fs driver), "
+                                                        "slower than POSIX with a host bounce; gds_compat=true allows it"))
                     break
                 agent = nixl_agent(f"{self.name}-{cand}-{engine or 'x'}", nixl_agent_config(backends=[]))
                 self.report.plugins = list(agent.get_plugin_list())

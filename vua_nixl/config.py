@@ -110,6 +110,7 @@ class StoreConfig(TypedConfig):
     gds_split_mib: int = Field(default=16, ge=1, description="descriptor size at which the GDS plugin splits I/Os (MiB)")
     gds_mt_threads: Optional[int] = Field(default=None, ge=1, description="GDS_MT worker threads (NIXL default when unset)")
     gds_batch_pool: Optional[int] = Field(default=None, ge=1, description="GDS batches per agent (NIXL default 16 when unset)")
+    gds_compat: bool = Field(default=False, description="let auto pick GDS/GDS_MT where cuFile has only compat mode (no nvidia-fs): slower than POSIX, for exercising the GDS path")
     low_water: float = Field(default=0.9, gt=0, le=1, description="over a limit, evict down to this fraction of it")
     prune_period_s: float = Field(default=60.0, gt=0, description="seconds between background pruning rounds")
     lease_s: float = Field(default=10.0, gt=0, description="root lease: holders renew every lease_s/3")
