@@ -9,7 +9,7 @@ For each backend that starts here, the same bytes move three ways in the same ru
 It also times the payload digests (proj64 on the GPU and on the CPU, XXH3 on the CPU).
 Prints a table with ratios against raw and writes results/gpu_io/results.json.
 
-    python benchmarks/gpu_io.py [--sizes 4 16 64] [--chunks 16] [--root /mnt/nvme/x] [--device cuda]
+    python benchmarks/gpu_io.py [--sizes 4 16 64] [--total-mib 256] [--root /mnt/nvme/x] [--device cuda]
 
 Runs on a CPU host too (``--device cpu``: DRAM instead of VRAM, POSIX only) so the script
 itself is checked everywhere.
@@ -144,7 +144,8 @@ def print_row(r: dict[str, Any]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 64], help="chunk sizes in MiB")
-    p.add_argument("--chunks", type=int, default=16)
+    p.add_argument("--chunks", type=int, default=None, help="chunks per point (default: --total-mib worth, at least 4)")
+    p.add_argument("--total-mib", type=int, default=256, help="bytes per point when --chunks is not given")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--root", default=None, help="directory on the storage to test (default: a temp dir)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -172,15 +173,16 @@ def main() -> int:
             continue
         for mib in args.sizes:
             nbytes = mib << 20
-            row: dict[str, Any] = {"backend": backend, "chunk_MiB": mib, "device": args.device}
+            chunks = args.chunks or max(4, args.total_mib // mib)
+            row: dict[str, Any] = {"backend": backend, "chunk_MiB": mib, "chunks": chunks, "device": args.device}
             if backend in GDS_BACKENDS:
                 row["gds_mode"] = agent.info().get("gds_mode")
             for label, check in (("raw", None), ("store", True), ("store-nocheck", False)):
                 try:
                     if check is None:
-                        row[label] = raw_nixl(agent, base, nbytes, args.chunks, args.device, args.repeat)
+                        row[label] = raw_nixl(agent, base, nbytes, chunks, args.device, args.repeat)
                     else:
-                        row[label] = store_io(backend, base, nbytes, args.chunks, args.device, args.repeat, check)
+                        row[label] = store_io(backend, base, nbytes, chunks, args.device, args.repeat, check)
                 except Exception as exc:  # noqa: BLE001 - one failed point must not lose the others
 
                     row[label] = {"error": f"{type(exc).__name__}: {exc}"[:160]}

@@ -95,7 +95,7 @@ say "## GPU tests"
 run "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_gds_logic.py --basetemp "$GPU_IO_ROOT/pytest" --junitxml="$OUT/gpu_tests.xml" || status=1
 
 say "## store vs raw NIXL (VRAM, O_DIRECT)"
-run "$PY" benchmarks/gpu_io.py --sizes 4 16 64 --chunks 16 --root "$GPU_IO_ROOT" --out "$OUT" || status=1
+run "$PY" benchmarks/gpu_io.py --sizes 4 16 64 --total-mib 256 --root "$GPU_IO_ROOT" --out "$OUT" || status=1
 
 if command -v nixlbench >/dev/null; then
   say "## nixlbench GDS configs"
