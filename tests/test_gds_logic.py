@@ -161,6 +161,14 @@ def test_a_block_with_the_gpu_digest_is_verified_on_a_cpu_host(tmp_path, monkeyp
 _REFUSED_BY_CUFILE = os.O_NONBLOCK | os.O_NOFOLLOW
 
 
+def small_store(tmp_path, tokens: int) -> tuple[KVStore, np.ndarray, torch.Tensor]:
+    """A POSIX store of 64-token chunks, and ``tokens`` tokens of KV to put in it."""
+    layout = KVLayout(num_layers=2, kv_heads=2, head_dim=64)
+    ns = Namespace(model="m", dtype="bfloat16", layout=layout)
+    kv = torch.randn(layout.shape(tokens)).to(torch.bfloat16)
+    return KVStore(tmp_path / "r", ns, chunk_tokens=64, backend="POSIX"), np.arange(tokens), kv
+
+
 def test_reopened_descriptor_is_the_checked_file_without_the_flags_cufile_refuses(tmp_path):
     """cuFile refuses fds opened with O_NONBLOCK or O_NOFOLLOW (seen on an H200 host, err 5019);
     the reopen must reach the very file that was checked, even if its name was swapped since."""
@@ -190,11 +198,8 @@ def test_a_gds_reader_registers_only_descriptors_cufile_accepts(tmp_path, monkey
     lacks the refused flags, and the bytes still come back exactly."""
     import fcntl
 
-    layout = KVLayout(num_layers=2, kv_heads=2, head_dim=64)
-    ns = Namespace(model="m", dtype="bfloat16", layout=layout)
-    toks = np.arange(192)
-    kv = torch.randn(layout.shape(192)).to(torch.bfloat16)
-    with KVStore(tmp_path / "r", ns, chunk_tokens=64, backend="POSIX") as s:
+    s, toks, kv = small_store(tmp_path, 192)
+    with s:
         assert s.put(toks, kv) == 192
         flags: list[int] = []
         real_files = s.agent.files
@@ -218,11 +223,8 @@ def test_a_gds_reader_registers_only_descriptors_cufile_accepts(tmp_path, monkey
 def test_a_refused_file_registration_is_a_miss_not_a_crash(tmp_path, monkeypatch):
     """NIXL raises its own untyped error when a backend refuses a file (cuFile did, for every block,
     on a GPU host): the agent turns it into TransferError and a get into a miss, blaming no block."""
-    layout = KVLayout(num_layers=2, kv_heads=2, head_dim=64)
-    ns = Namespace(model="m", dtype="bfloat16", layout=layout)
-    toks = np.arange(128)
-    kv = torch.randn(layout.shape(128)).to(torch.bfloat16)
-    with KVStore(tmp_path / "r", ns, chunk_tokens=64, backend="POSIX") as s:
+    s, toks, kv = small_store(tmp_path, 128)
+    with s:
         assert s.put(toks, kv) == 128
         real = s.agent._agent.register_memory
 
