@@ -47,6 +47,12 @@ def _keys_numpy() -> np.ndarray:
     return rng.integers(1, 16, size=(BLOCK, WIDTH), dtype=np.int64).astype(np.float64)
 
 
+def key_matrix() -> np.ndarray:
+    """The ``[4096, 4]`` projection keys (integers 1..15, as float64) every implementation of
+    proj64 must use: the library's, the reference's and any candidate a benchmark times."""
+    return _keys_numpy()
+
+
 _KEYS: dict[str, torch.Tensor] = {}
 
 
