@@ -9,6 +9,7 @@ both see the same background load:
 
   put       KVStore.put of a new prefix (after os.sync(): no dirty pages from the last round)
   warm get  KVStore.get(out=) right after the put (page cache warm), bytes compared exactly
+  hot get   the same prefix read once more, as a shared system prompt is (--hot)
   cold get  the same after fdatasync + posix_fadvise(DONTNEED) of every block file (--cold)
 
 Each round's prefix is deleted afterwards. Prints medians in GiB/s and the ratios B/A (> 1: B
@@ -67,7 +68,7 @@ def drop_cache(store: KVStore, tokens: torch.Tensor) -> None:
 
 
 def bench_point(model: str, mib: float, settings: dict[str, dict[str, Any]], total_mib: int, repeat: int,
-                base: Path, cold: bool) -> dict[str, Any]:
+                base: Path, cold: bool, hot: bool = False) -> dict[str, Any]:
     layout = layout_of(PRESETS[model])
     ctoks = chunk_tokens_for(layout, mib) if mib > 0 else 256
     ns = Namespace(f"bench/config-ab/{model}", "bf16", layout)
@@ -79,7 +80,7 @@ def bench_point(model: str, mib: float, settings: dict[str, dict[str, Any]], tot
         kv = aligned_empty(layout.shape(n * ctoks), torch.bfloat16)
         kv.view(torch.int16).copy_(torch.randint(-30000, 30000, kv.shape, dtype=torch.int16))
         out = aligned_empty(layout.shape(n * ctoks), torch.bfloat16)
-        ops = ["put", "get"] + (["cold"] if cold else [])
+        ops = ["put", "get"] + (["hot"] if hot else []) + (["cold"] if cold else [])
         times: dict[str, list[float]] = {f"{op} {side}": [] for op in ops for side in stores}
 
         def timed(name: str, fn: Callable[[], Any]) -> None:
@@ -101,6 +102,11 @@ def bench_point(model: str, mib: float, settings: dict[str, dict[str, Any]], tot
                 timed(f"get {side}", lambda s=s, t=tokens: get(s, t))
                 if not torch.equal(out.view(torch.int16), kv.view(torch.int16)):
                     raise SystemExit(f"{model} {side}: bytes read differ from bytes written")
+            if hot:
+                for side, s in order:
+                    timed(f"hot {side}", lambda s=s, t=tokens: get(s, t))
+                    if not torch.equal(out.view(torch.int16), kv.view(torch.int16)):
+                        raise SystemExit(f"{model} {side}: bytes read again differ from bytes written")
             if cold:
                 for side, s in order:
                     drop_cache(s, tokens)
@@ -142,19 +148,20 @@ def main() -> int:
     ap.add_argument("--total-mib", type=int, default=128, help="bytes per measurement")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--cold", action="store_true", help="also time gets with the page cache dropped")
+    ap.add_argument("--hot", action="store_true", help="also time a second get of the same prefix")
     ap.add_argument("--dir", type=Path, default=None, help="where the stores go (default: a temp dir under --out)")
     ap.add_argument("--out", type=Path, default=Path("results/config_ab"))
     args = ap.parse_args()
     settings = {"a": parse_settings(args.a), "b": parse_settings(args.b)}
     args.out.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="config-ab-", dir=args.dir or args.out))
-    ops = ["put", "get"] + (["cold"] if args.cold else [])
+    ops = ["put", "get"] + (["hot"] if args.hot else []) + (["cold"] if args.cold else [])
     load_before = os.getloadavg()
     rows = []
     try:
         for model in args.models:
             for mib in args.sizes:
-                r = bench_point(model, mib, settings, args.total_mib, args.repeat, base, args.cold)
+                r = bench_point(model, mib, settings, args.total_mib, args.repeat, base, args.cold, args.hot)
                 rows.append(r)
                 print(f"{model:14s} {r['chunk_bytes'] / 2**20:5.1f} MiB  " + "  ".join(
                     f"{op} B/A {r[f'{op}_ratio']:.2f}" for op in ops) + f"  (load {r['loadavg']:.1f})", flush=True)

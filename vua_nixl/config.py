@@ -84,6 +84,10 @@ class StoreConfig(TypedConfig):
     direct_io: bool = Field(default=False, description="open block files with O_DIRECT (GDS always does)")
     fsync: bool = Field(default=False, description="fsync data and directory before publishing a block")
     verify_checksums: bool = Field(default=True, description="check each payload's XXH3 on every load")
+    verify_cache_s: float = Field(
+        default=0.0, ge=0, description="skip re-hashing a block file this process verified less than this many seconds "
+        "ago and whose inode, size, mtime and ctime are unchanged (hot prefixes); 0: hash every load. Not on GDS; "
+        "tenant MACs are always checked")
     hash_overlap: HashOverlap = Field(
         default="auto", description="with one I/O lane: where payload checksums run while NIXL moves the bytes: "
         "a helper thread, the calling thread (inline), or auto (a helper thread while a CPU is idle)")

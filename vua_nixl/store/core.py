@@ -24,6 +24,7 @@ from vua_nixl.store.cpus import FreeCpus
 from vua_nixl.store.cpus import shared as shared_cpus
 from vua_nixl.store.planning import DIRECT_ALIGN, Arena, ChunkGeometry
 from vua_nixl.store.presence import PresenceCache
+from vua_nixl.store.verified import VerifiedFiles
 
 
 @dataclass
@@ -45,6 +46,7 @@ class StoreStats:
     deletes: int = 0
     corrupt: int = 0
     io_errors: int = 0
+    digests_skipped: int = 0
     write_failures: int = 0
     load_seconds: float = 0.0
 
@@ -67,6 +69,8 @@ class StoreCore:
     stats: StoreStats = field(default_factory=StoreStats)
     _stats_lock: threading.Lock = field(default_factory=threading.Lock)
     arenas: dict[str, Arena] = field(default_factory=dict)
+    #: Files whose digest matched recently (``verify_cache_s``; empty and unused when 0).
+    verified: VerifiedFiles = field(default_factory=lambda: VerifiedFiles(0.0))
     #: CPUs free for helper threads and I/O lanes (``auto`` settings), measured process-wide.
     cpus: FreeCpus = field(default_factory=shared_cpus)
     _lanes: list[NixlAgent] = field(default_factory=list)

@@ -38,6 +38,7 @@ from vua_nixl.store.planning import DIRECT_ALIGN, Arena, ChunkGeometry, Plan, gr
 from vua_nixl.store.pool import OutputPool
 from vua_nixl.store.presence import PresenceCache
 from vua_nixl.store.reader import BlockReader
+from vua_nixl.store.verified import VerifiedFiles
 from vua_nixl.store.writer import BlockWriter
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class KVStore:
             vram_ok=self.agent.supports("VRAM_SEG") or self.agent.supports("VRAM"),
             notify=lambda hook, *args: self.observers.notify(hook, self, *args),
             arenas={"READ": Arena(self.agent), "WRITE": Arena(self.agent)},
+            verified=VerifiedFiles(cfg.verify_cache_s),
         )
         self._pool = OutputPool(self.agent, cfg.output_pool_mib << 20)
         self._writer = BlockWriter(self._core)

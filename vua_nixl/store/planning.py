@@ -132,7 +132,7 @@ class ChunkGeometry:
 class Plan:
     """One request's share of a batched transfer: its keys, open files and destination memory."""
 
-    __slots__ = ("keys", "tokens", "fds", "paths", "mem", "n", "out_view", "user_out")
+    __slots__ = ("keys", "tokens", "fds", "paths", "idents", "mem", "n", "out_view", "user_out")
 
     def __init__(self, keys: list[bytes], tokens: np.ndarray, mem: Optional[torch.Tensor] = None) -> None:
         self.keys = keys
@@ -141,6 +141,8 @@ class Plan:
         self.out_view: Optional[torch.Tensor] = None
         self.fds: list[int] = []
         self.paths: list[str] = []
+        #: Each open file's identity when it was opened (only kept with ``verify_cache_s``).
+        self.idents: list[tuple[int, int, int, int, int]] = []
         self.n = 0
         self.user_out = False  # mem is the caller's buffer: worth keeping registered
 

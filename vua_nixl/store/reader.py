@@ -32,6 +32,7 @@ from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular, reop
 from vua_nixl.store import planning
 from vua_nixl.store.core import StoreCore, on_device
 from vua_nixl.store.planning import Arena, Plan, dram_rows, read_rows, transfer_rows
+from vua_nixl.store.verified import FileIdentity, identity
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ class BlockReader:
                 log.warning("cannot open %s: %s", path, exc.strerror)
                 core.bump(io_errors=1)
                 break
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             if size != core.geo.file_bytes:
                 self.quarantine(path, f"size {size} != expected {core.geo.file_bytes}", fd)
                 os.close(fd)
@@ -122,6 +124,8 @@ class BlockReader:
                     break
                 os.close(fd)
                 fd = plain
+            if core.verified.enabled:
+                plan.idents.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
             plan.fds.append(fd)
             plan.paths.append(path)
         plan.n = len(plan.fds)
@@ -252,8 +256,13 @@ class BlockReader:
                 geo.expected(core.chain, plan.keys[ci], core.parent_of(plan.keys, ci), toks).check(header)
                 assert plan.mem is not None
                 if core.config.verify_checksums:
-                    if geo.chunk_checksum(plan.mem, ci, seg_addrs[j], header.alg) != header.checksum:
+                    ident = self._unchanged_since_open(plan, ci)
+                    if ident is not None and core.verified.fresh(ident):
+                        core.bump(digests_skipped=1)
+                    elif geo.chunk_checksum(plan.mem, ci, seg_addrs[j], header.alg) != header.checksum:
                         raise CorruptBlockError("payload checksum mismatch")
+                    elif ident is not None:
+                        core.verified.add(ident)
                 if core.chain.sealed:  # always, whatever verify_checksums says: this is authentication
                     mac = geo.chunk_mac(core.chain, header, plan.mem, ci, seg_addrs[j])
                     if not hmac.compare_digest(mac, header.mac):
@@ -264,6 +273,19 @@ class BlockReader:
             except NewerFormatError as exc:  # not ours to judge: the prefix ends, the file stays
                 reasons.append(_NEWER + str(exc))
         return reasons
+
+    def _unchanged_since_open(self, plan: Plan, ci: int) -> Optional[FileIdentity]:
+        """Chunk ``ci``'s file identity if the verified-files cache applies to it and nothing
+        wrote the file between its open and now (the read is complete by then): a write by
+        anyone moves the ctime. None: hash the payload."""
+        core = self.core
+        if not core.verified.enabled or core.agent.plain_fds_only or ci >= len(plan.idents):
+            return None
+        opened = plan.idents[ci]
+        try:
+            return opened if identity(plan.fds[ci]) == opened else None
+        except OSError:
+            return None
 
     def _apply_checks(self, jobs: list[Job], reasons: list[Optional[str]]) -> None:
         """Cut each plan at its first invalid chunk and quarantine that file."""
@@ -292,6 +314,7 @@ class BlockReader:
                        torch.empty(geo.layout.shape((ci + 1) * c), dtype=geo.dtype, device=plan.mem.device))  # type: ignore[union-attr]
         private.out_view = private.mem
         private.fds, private.paths, private.n = plan.fds[: ci + 1], plan.paths[: ci + 1], ci + 1
+        private.idents = plan.idents[: ci + 1]
         reasons: list[Optional[str]] = []
         arena = self.core.arenas["READ"]
         with arena.lock:
