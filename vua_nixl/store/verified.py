@@ -5,8 +5,9 @@ write to a file, by anyone, changes its ctime, which no user can set back. So a 
 identity (device, inode, size, mtime, ctime) is unchanged since its payload digest matched still
 holds the bytes that matched, and a full read of it (NIXL reports short reads) returns them.
 What a skipped digest no longer catches: a disk that silently returns different bytes for the
-same sectors once the page cache let them go (bit rot). The time limit bounds that exposure; it
-is why this is off by default (``StoreConfig.verify_cache_s``).
+same sectors once the page cache let them go (bit rot), and, on NFS, another host's in-place
+write hidden by the client's attribute cache for up to ``actimeo``. The time limit bounds that
+exposure; it is why this is off by default (``StoreConfig.verify_cache_s``).
 
 It is never used on GDS backends (a failed or short cuFile I/O can look complete, so only the
 digest of the bytes actually loaded protects them), and tenant MACs are always checked.
