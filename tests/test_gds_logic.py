@@ -5,6 +5,7 @@ what it detects), and blocks that record the GPU digest read back on a CPU host.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +242,19 @@ def test_a_refused_file_registration_is_a_miss_not_a_crash(tmp_path, monkeypatch
         monkeypatch.setattr(s.agent._agent, "register_memory", real)
         res = s.get(toks)  # nothing was quarantined
         assert res.tokens == 128 and same_bytes(res.kv, kv)
+
+
+def test_a_gds_rejection_names_a_missing_udev_entry(tmp_path, monkeypatch):
+    """cuFile reads the file system's udev entry; without it (a VM, a container without /run/udev)
+    every file registration fails, as on the H200 VM. The probe's rejection says so."""
+    import vua_nixl.agent as agent_mod
+
+    dev = os.stat(tmp_path).st_dev
+    assert os.major(dev) != 0, "tmp_path should be on a block device for this test"
+    entry = f"/run/udev/data/b{os.major(dev)}:{os.minor(dev)}"
+    monkeypatch.setattr(agent_mod.os.path, "exists", lambda p: p != entry)
+    assert agent_mod.cufile_hint(tmp_path) == (
+        f" (cuFile needs udev data for the file system's device and {entry} is missing: mount /run/udev from the host)")
+    monkeypatch.setattr(agent_mod.os.path, "exists", lambda p: True)
+    assert agent_mod.cufile_hint(tmp_path) == ""
+    assert agent_mod.cufile_hint(Path("/proc")) == ""  # not a block device: no udev entry to want
