@@ -197,7 +197,7 @@ class NixlAgent:
                 engines = [""]
             for engine in engines:
                 label = f"{cand}/{engine}" if engine else cand
-                if cand in ("GDS", "GDS_MT") and not torch.cuda.is_available():
+                if cand in GDS_BACKENDS and not torch.cuda.is_available():
                     self.report.rejected.append((label, "no CUDA device visible to torch"))
                     break
                 if cand in GDS_BACKENDS and backend == "auto" and not self.gds_compat and gds_mode() == "compat":

@@ -25,7 +25,7 @@ from vua_nixl.digest import PROJ64, proj64
 from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError
 from vua_nixl.format import FORMAT_VERSION, checksum, decode_header
 from vua_nixl.paths import StorePaths, note_odd_name, parse_tmp_name, writer_gone
-from vua_nixl.safeio import open_regular, reopen_plain
+from vua_nixl.safeio import open_regular
 from vua_nixl.store.reader import quarantine, retry_each
 
 log = logging.getLogger(__name__)
@@ -169,13 +169,10 @@ def _verify_batch(agent: NixlAgent, batch: list[tuple[str, str, int]]) -> list[B
         offs, off = [], 0
         inodes = []
         for _, path, n in batch:
-            fd = open_regular(path)  # swapped for a FIFO or link since the walk: refused, not read
-            if agent.plain_fds_only:  # GDS: cuFile takes only plain (and O_DIRECT) descriptors
-                try:
-                    plain = reopen_plain(fd, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-                finally:
-                    os.close(fd)
-                fd = plain
+            # swapped for a FIFO or link since the walk: refused, not read. GDS: cuFile takes
+            # only plain, O_DIRECT descriptors of the checked file.
+            gds = agent.plain_fds_only
+            fd = open_regular(path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if gds else 0), plain=gds)
             fds.append(fd)
             st = os.fstat(fd)
             inodes.append((st.st_dev, st.st_ino))

@@ -30,9 +30,11 @@ class NotRegularFileError(VuaNixlError, OSError):
     """A path under the root is a symlink, FIFO, device, socket or directory, not a regular file."""
 
 
-def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
+def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, *, plain: bool = False) -> int:
     """Open ``path`` without following a symlink and without blocking; return the fd of a
-    regular file or raise :class:`NotRegularFileError` (``FileNotFoundError`` passes through)."""
+    regular file or raise :class:`NotRegularFileError` (``FileNotFoundError`` passes through).
+    ``plain``: return instead a descriptor of the same checked file opened with ``flags`` alone
+    (:func:`reopen_plain`), for consumers that refuse the guarding flags (cuFile)."""
     try:
         fd = os.open(path, flags | _FLAGS)
     except OSError as exc:
@@ -47,6 +49,11 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise NotRegularFileError(errno.EINVAL, f"is not a regular file (mode {stat.filemode(st.st_mode)})", os.fspath(path))
+    if plain:
+        try:
+            return reopen_plain(fd, flags)
+        finally:
+            os.close(fd)
     return fd
 
 

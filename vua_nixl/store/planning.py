@@ -24,6 +24,7 @@ from vua_nixl.digest import PROJ64, XXH3, proj64
 from vua_nixl.format import FORMAT_VERSION, SEALED_VERSION, BlockHeader, ExpectedBlock, checksum, payload_offset
 from vua_nixl.keys import KeyChain, KVLayout
 from vua_nixl.kvlayout import token_dim
+from vua_nixl.store.verified import FileIdentity
 
 #: files opened per NIXL request; bounded so a 1M-token batch cannot exhaust descriptors.
 MAX_FILES_PER_TRANSFER = 2048
@@ -142,7 +143,7 @@ class Plan:
         self.fds: list[int] = []
         self.paths: list[str] = []
         #: Each open file's identity when it was opened (only kept with ``verify_cache_s``).
-        self.idents: list[tuple[int, int, int, int, int]] = []
+        self.idents: list[FileIdentity] = []
         self.n = 0
         self.user_out = False  # mem is the caller's buffer: worth keeping registered
 

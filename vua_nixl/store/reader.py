@@ -28,11 +28,11 @@ from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError, 
 from vua_nixl.format import decode_header
 from vua_nixl.kvlayout import token_dim
 from vua_nixl.paths import StorePaths
-from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular, reopen_plain
+from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular
 from vua_nixl.store import planning
 from vua_nixl.store.core import StoreCore, on_device
 from vua_nixl.store.planning import Arena, Plan, dram_rows, read_rows, transfer_rows
-from vua_nixl.store.verified import FileIdentity, identity
+from vua_nixl.store.verified import FileIdentity, identity, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class BlockReader:
         for key in plan.keys:
             path = core.block_path(key)
             try:
-                fd = open_regular(path, flags)
+                fd = open_regular(path, flags, plain=core.agent.plain_fds_only)  # cuFile refuses guarded fds
             except FileNotFoundError:
                 core.presence.forget([key])
                 break
@@ -114,18 +114,8 @@ class BlockReader:
                 self.quarantine(path, f"size {size} != expected {core.geo.file_bytes}", fd)
                 os.close(fd)
                 break
-            if core.agent.plain_fds_only:
-                try:
-                    plain = reopen_plain(fd, flags)
-                except OSError as exc:
-                    log.warning("cannot reopen %s for %s: %s", path, core.agent.backend, exc.strerror)
-                    core.bump(io_errors=1)
-                    os.close(fd)
-                    break
-                os.close(fd)
-                fd = plain
             if core.verified.enabled:
-                plan.idents.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+                plan.idents.append(identity_of(st))
             plan.fds.append(fd)
             plan.paths.append(path)
         plan.n = len(plan.fds)

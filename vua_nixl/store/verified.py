@@ -24,9 +24,12 @@ from collections import OrderedDict
 FileIdentity = tuple[int, int, int, int, int]
 
 
-def identity(fd: int) -> FileIdentity:
-    st = os.fstat(fd)
+def identity_of(st: os.stat_result) -> FileIdentity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def identity(fd: int) -> FileIdentity:
+    return identity_of(os.fstat(fd))
 
 
 class VerifiedFiles:
@@ -59,7 +62,3 @@ class VerifiedFiles:
             self._seen.move_to_end(ident)
             while len(self._seen) > self.max_entries:
                 self._seen.popitem(last=False)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._seen)
