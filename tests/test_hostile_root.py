@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -55,8 +56,8 @@ def cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> s
                           env={**os.environ, **(env or {})})
 
 
-def filled(root: Path) -> tuple[KVStore, torch.Tensor]:
-    s = KVStore(root, NS, chunk_tokens=CHUNK, backend="POSIX", presence_ttl_s=0)
+def filled(root: Path, **cfg: object) -> tuple[KVStore, torch.Tensor]:
+    s = KVStore(root, NS, chunk_tokens=CHUNK, backend="POSIX", presence_ttl_s=0, **cfg)  # type: ignore[arg-type]
     kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS))
     assert s.put(TOKENS, kv) == len(TOKENS)
     return s, kv
@@ -240,6 +241,7 @@ def test_meta_sparse_and_overlapping_memory_are_rejected_before_any_io(tmp_path)
 
 
 def test_checksum_failure_in_the_callers_buffer_is_rechecked_privately_before_blaming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("VUA_NIXL_STAGE_MAX_KIB", "0")  # segments read straight into the caller's buffer
     s, kv = filled(tmp_path / "r")
     real = BlockReader._check_range
     calls = {"n": 0}
@@ -257,6 +259,30 @@ def test_checksum_failure_in_the_callers_buffer_is_rechecked_privately_before_bl
         res = s.get(TOKENS, out=out)
         assert calls["n"] == 1 and res.tokens == len(TOKENS) and same_bytes(out, kv)
         assert s.stats()["corrupt"] == 0 and list(s.paths.quarantine.iterdir()) == []
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_staged_read_never_lets_a_bad_chunk_into_the_callers_buffer(tmp_path, lanes):
+    """Staged reads verify each file in the store's own slab; the caller's memory receives only
+    chunks that passed, and what the caller's memory holds never decides a file's fate."""
+    # one file per sub-batch: several sub-batches, dealt over the lanes
+    s, kv = filled(tmp_path / "r", io_lanes=lanes, pipeline_kib=1)
+    with s:
+        assert s.config.stage_max_kib << 10 >= s.file_bytes  # these chunks are staged
+        bad = s.block_path(s.keys_for(TOKENS)[2])
+        data = bytearray(Path(bad).read_bytes())
+        data[-1] ^= 0x01  # one bit of the payload
+        Path(bad).write_bytes(bytes(data))
+        sentinel = torch.full_like(kv, 7.0)
+        out = sentinel.clone()
+        readers: set[str] = set()
+        s.agent.fault_hook = lambda op, descs: readers.add(threading.current_thread().name)
+        res = s.get(TOKENS, out=out)
+        assert any(n.startswith("vua-nixl-lane") for n in readers) == (lanes > 1)  # the twin lane read too
+        assert res.tokens == 2 * CHUNK and same_bytes(out[:, :, : 2 * CHUNK], kv[:, :, : 2 * CHUNK])
+        assert same_bytes(out[:, :, 2 * CHUNK : 3 * CHUNK], sentinel[:, :, : CHUNK])  # never touched
+        assert s.stats()["corrupt"] == 1 and [p.name.split(".")[0] for p in s.paths.quarantine.iterdir()] == [
+            Path(bad).name.split(".")[0]]
 
 
 def test_quarantine_moves_only_the_inode_that_was_judged(tmp_path):

@@ -60,6 +60,30 @@ def test_round_trip_mla(root):
         assert same_bytes(s.get(torch.arange(3 * CHUNK)).kv, kv)
 
 
+@pytest.mark.parametrize("layout, dtype", [(LAYOUT, "bfloat16"), (KVLayout(num_layers=4, kv_heads=1, head_dim=40, mla=True), "fp8"),
+                                           (KVLayout(num_layers=2, kv_heads=4, head_dim=8), "float32")])
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_staged_and_in_place_reads_return_the_same_bytes(tmp_path, layout, dtype, lanes):
+    """Whole files staged in a lane's slab then copied into place, or segments read straight
+    into place: the same KV for get(), get(out=) and a get_many of several prefixes, every
+    layout and element size (numpy copies bfloat16 and fp8 as integers of their width)."""
+    ns = Namespace("staged/model", dtype, layout)
+    dtype_of = {"bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "float32": torch.float32}
+    seqs = [torch.arange(i * 10_000, i * 10_000 + (3 + i) * CHUNK) for i in range(3)]
+    kvs = [make_kv(layout, dtype_of[dtype], len(t), seed=30 + i) for i, t in enumerate(seqs)]
+    got: dict[int, list[torch.Tensor]] = {}
+    for stage in (0, 1 << 20):
+        with KVStore(tmp_path / f"s{stage}", ns, chunk_tokens=CHUNK, backend="POSIX", stage_max_kib=stage,
+                     io_lanes=lanes, pipeline_kib=1) as s:
+            s.put_many(list(zip(seqs, kvs)))
+            outs = [torch.zeros(layout.shape(len(t) + CHUNK), dtype=dtype_of[dtype]) for t in seqs]
+            res = s.get_many(seqs, outs=outs)
+            assert [r.tokens for r in res] == [len(t) for t in seqs]
+            got[stage] = [r.kv.clone() for r in res] + [s.get(seqs[1]).kv]
+    for a, b, want in zip(got[0], got[1 << 20], [*kvs, kvs[1]]):
+        assert same_bytes(a, want) and same_bytes(b, want)
+
+
 def test_get_into_caller_buffer(store):
     kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=4)
     store.put(TOKENS, kv)
@@ -362,32 +386,40 @@ def test_get_many_with_many_caller_buffers(store):
     assert not res_ptrs & {k[0] for k in store.agent.registered()}
 
 
-@pytest.mark.parametrize("fault, expect", [("bitflip", 3), ("eio_once", 5), ("eio_persistent", 0)])
-def test_pipelined_reads_keep_strict_prefixes(store, monkeypatch, fault, expect):
+@pytest.mark.parametrize("path, fault, expect, errors", [
+    ("in_place", "bitflip", 3, 0), ("in_place", "eio_once", 5, 1), ("in_place", "eio_persistent", 0, 1),
+    # staged: each sub-batch reads, verifies and keeps its chunks before the next one fails
+    ("staged", "bitflip", 3, 0), ("staged", "eio_once", 5, 1), ("staged", "eio_persistent", 2, 3),
+])
+def test_pipelined_reads_keep_strict_prefixes(root, ns, monkeypatch, path, fault, expect, errors):
     import vua_nixl.store.planning as store_mod
     from vua_nixl.errors import TransferError
 
     monkeypatch.setattr(store_mod, "PIPELINE_BYTES", 1)  # one chunk per sub-batch: fully pipelined
-    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=12)
-    store.put(TOKENS, kv)
-    assert same_bytes(store.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
-    reads = []
+    monkeypatch.setattr(store_mod, "STAGE_BYTES", 1)
+    staged = 1 << 20 if path == "staged" else 0
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", io_lanes=1, stage_max_kib=staged) as store:
+        kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=12)
+        store.put(TOKENS, kv)
+        assert same_bytes(store.get(TOKENS).kv, kv[:, :, : 5 * CHUNK])
+        reads = []
 
-    def eio(op, descs):
-        reads.append(op)
-        if op == "READ" and (len(reads) == 3 or (fault == "eio_persistent" and len(reads) > 3)):
-            raise TransferError("injected EIO")
+        def eio(op, descs):
+            reads.append(op)
+            if op == "READ" and (len(reads) == 3 or (fault == "eio_persistent" and len(reads) > 3)):
+                raise TransferError("injected EIO")
 
-    if fault == "bitflip":
-        _corrupt(store.block_path(store.keys_for(TOKENS)[3]), "flip_payload")
-    else:
-        store.agent.fault_hook = eio  # the 3rd sub-batch fails; the batch is retried chunk by chunk
-    res = store.get(TOKENS)
-    store.agent.fault_hook = None
-    assert res.tokens == expect * CHUNK
-    if expect:
-        assert same_bytes(res.kv, kv[:, :, : res.tokens])
-    assert store.stats()["io_errors"] == (0 if fault == "bitflip" else 1)
+        if fault == "bitflip":
+            _corrupt(store.block_path(store.keys_for(TOKENS)[3]), "flip_payload")
+        else:
+            store.agent.fault_hook = eio  # the 3rd sub-batch fails; it is retried chunk by chunk
+        res = store.get(TOKENS)
+        store.agent.fault_hook = None
+        assert res.tokens == expect * CHUNK
+        if expect:
+            assert same_bytes(res.kv, kv[:, :, : res.tokens])
+        assert store.stats()["io_errors"] == errors
+        assert store.stats()["corrupt"] == (1 if fault == "bitflip" else 0)  # a failed read blames no file
 
 
 def test_put_from_a_strided_view_without_copying(store):
@@ -425,6 +457,7 @@ def test_hash_overlap_and_io_lanes_write_verify_and_reject_alike(root, ns, monke
     from vua_nixl.format import checksum, read_header_file
 
     monkeypatch.setattr(store_mod, "PIPELINE_BYTES", 1)  # one chunk per sub-batch
+    monkeypatch.setenv("VUA_NIXL_STAGE_MAX_KIB", "0")  # reads in place (the helper thread is theirs)
     lanes = int(mode[-1]) if mode.startswith("lanes") else 1
     opts = {"io_lanes": lanes} if lanes > 1 else {"io_lanes": 1, "hash_overlap": mode}
     kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=21)
@@ -529,6 +562,7 @@ def test_read_pipeline_depth_o_direct_posts_every_batch_first(tmp_path, monkeypa
     layout = KVLayout(num_layers=3, kv_heads=2, head_dim=64)  # 4 KiB segments at 16 tokens
     ns = Namespace(model="test/direct", dtype="bfloat16", layout=layout)
     monkeypatch.setattr(store_mod, "PIPELINE_BYTES", 1)
+    monkeypatch.setenv("VUA_NIXL_STAGE_MAX_KIB", "0")  # the page-cache case: reads in place
     events: list[str] = []
     orig = BlockReader._check_range
 

@@ -14,22 +14,42 @@ import pytest
 from helpers import same_bytes
 
 from vua_nixl import KVStore
-from vua_nixl.store import planning
+from vua_nixl.store.reader import BlockReader
 from vua_nixl.testing.chaos import CHUNK, expected_kv, namespace
+
+
+@pytest.fixture(params=["staged", "in_place"], autouse=True)
+def read_path(request, monkeypatch) -> str:
+    """Both read paths: whole files staged in a lane's slab, or segments read straight into place."""
+    if request.param == "in_place":
+        monkeypatch.setenv("VUA_NIXL_STAGE_MAX_KIB", "0")
+    return request.param
+
+
+def _count_verdicts(monkeypatch) -> tuple[list[int], list[int]]:
+    """Chunk indexes of every payload digest and every MAC a read computes from here on."""
+    digests: list[int] = []
+    macs: list[int] = []
+    real = BlockReader._verdict
+
+    def counted(self, plan, ci, raw_header, digest, mac_of):
+        def d(alg):
+            digests.append(ci)
+            return digest(alg)
+
+        def m(header):
+            macs.append(ci)
+            return mac_of(header)
+
+        return real(self, plan, ci, raw_header, d, m)
+
+    monkeypatch.setattr(BlockReader, "_verdict", counted)
+    return digests, macs
 
 
 @pytest.fixture
 def digests(monkeypatch) -> list[int]:
-    """Chunk indexes of every payload digest computed from here on (reads and writes)."""
-    calls: list[int] = []
-    real = planning.ChunkGeometry.chunk_checksum
-
-    def counted(self, t, chunk, addrs, alg=None):
-        calls.append(chunk)
-        return real(self, t, chunk, addrs, alg)
-
-    monkeypatch.setattr(planning.ChunkGeometry, "chunk_checksum", counted)
-    return calls
+    return _count_verdicts(monkeypatch)[0]
 
 
 def stored(tmp_path, chunks: int = 4, **cfg) -> tuple[KVStore, np.ndarray, object]:
@@ -105,18 +125,11 @@ def test_a_negative_lifetime_is_refused(tmp_path):
         KVStore(tmp_path / "store", namespace(), chunk_tokens=CHUNK, backend="POSIX", verify_cache_s=-1)
 
 
-def test_a_tenant_block_is_authenticated_on_every_load(tmp_path, digests, monkeypatch):
+def test_a_tenant_block_is_authenticated_on_every_load(tmp_path, monkeypatch):
     """The cache saves the integrity digest, never the MAC: authentication is not cached."""
     from dataclasses import replace
 
-    macs: list[int] = []
-    real = planning.ChunkGeometry.chunk_mac
-
-    def counted(self, chain, header, t, chunk, addrs):
-        macs.append(chunk)
-        return real(self, chain, header, t, chunk, addrs)
-
-    monkeypatch.setattr(planning.ChunkGeometry, "chunk_mac", counted)
+    digests, macs = _count_verdicts(monkeypatch)
     ns = replace(namespace(), tenant="acme")
     with KVStore(tmp_path / "store", ns, chunk_tokens=CHUNK, backend="POSIX", presence_ttl_s=0, verify_cache_s=60) as s:
         toks = np.arange(2 * CHUNK, dtype=np.int64)

@@ -98,6 +98,11 @@ class StoreConfig(TypedConfig):
         default=None, ge=1, description="bytes (KiB) per pipelined sub-batch: each is verified right after it moved, "
         "while still in the CPU's cache (unset: 2048, measured best on a 2-CPU host; hosts with larger caches may "
         "gain from more)")
+    stage_max_kib: int = Field(
+        default=4096, ge=0, description="page-cache reads of block files up to this size (KiB) into host memory go "
+        "whole, one descriptor per file, into a registered slab of the reading lane, are verified there with one "
+        "pass over contiguous bytes, and are copied into place only if good (0: always read the segments straight "
+        "into place). Small chunks of real models are dozens of small segments each; larger files gain nothing")
     file_mode: int = Field(default=0o644, description="permission bits for block files (umask applies)")
     staging_mib: int = Field(default=256, ge=1, description="registered bounce buffer for unregistrable memory")
     output_pool_mib: int = Field(default=1024, ge=0, description="registered memory get() without out= returns results in (0: a fresh tensor per load)")

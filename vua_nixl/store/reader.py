@@ -17,6 +17,7 @@ import hmac
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 from vua_nixl.agent import NixlAgent
 from vua_nixl.digest import XXH3
 from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError, VuaNixlError
-from vua_nixl.format import decode_header
+from vua_nixl.format import BlockHeader, decode_header
 from vua_nixl.kvlayout import token_dim
 from vua_nixl.paths import StorePaths
 from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular
@@ -41,7 +42,11 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 Job = tuple[Plan, int]
 _NEWER = "newer: "
 _CALLER = "caller: "
+_UNREADABLE = "unreadable: "  # the transfer failed: the prefix ends, nothing is blamed
 _PAYLOAD_MISMATCH = "mismatch"  # payload checksum or MAC: the bytes read, not the header
+#: numpy views of KV by element size: numpy has no bfloat16 or fp8, and a copy moves bytes.
+_INT_OF_SIZE = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
+                8: (torch.int64, np.int64)}
 
 
 def quarantine(paths: StorePaths, path: str, fd: Optional[int] = None, expect: Optional[tuple[int, int]] = None) -> bool:
@@ -84,11 +89,15 @@ class BlockReader:
     def __init__(self, core: StoreCore):
         self.core = core
         self._verifier: Optional[ThreadPoolExecutor] = None
+        self._slabs: dict[int, Arena] = {}  # id(lane agent) -> its staging slab (staged reads)
 
     def close(self) -> None:
         if self._verifier is not None:
             self._verifier.shutdown(wait=True)
             self._verifier = None
+        for slab in self._slabs.values():
+            slab.release()
+        self._slabs.clear()
 
     def open_prefix(self, plan: Plan) -> None:
         """Open the contiguous run of chunk files from the start; stop at the first gap."""
@@ -135,6 +144,11 @@ class BlockReader:
         arena = core.arenas["READ"]
         plans = list({id(p): p for p, _ in jobs}.values())
         reasons: list[Optional[str]] = []
+        if self._stages(plans):
+            with arena.lock:  # one read at a time uses the lanes' slabs, as the header arena
+                reasons = self._read_staged(jobs, plans)
+            self._apply_checks(jobs, reasons, private=True)
+            return
         with arena.lock:
             arena.ensure(len(jobs) * geo.payload_off)
             regs: list[Any] = []
@@ -184,6 +198,90 @@ class BlockReader:
                     core.agent.release(reg)
         self._apply_checks(jobs, reasons)
 
+    def _stages(self, plans: list[Plan]) -> bool:
+        """Whether this batch reads whole files into lane slabs (see ``StoreConfig.stage_max_kib``):
+        page-cache reads into host memory, through POSIX, with something to hash."""
+        core = self.core
+        mems = [p.mem for p in plans]
+        return (core.agent.backend == "POSIX" and not core.direct
+                and 0 < core.geo.file_bytes <= core.config.stage_max_kib << 10
+                and (core.config.verify_checksums or core.chain.sealed)
+                and all(m is not None and m.device.type == "cpu" for m in mems))
+
+    def _slab(self, agent: NixlAgent, nbytes: int) -> Arena:
+        """``agent``'s staging slab, registered with it, at least ``nbytes``."""
+        slab = self._slabs.get(id(agent))
+        if slab is None:
+            slab = self._slabs[id(agent)] = Arena(agent)
+        slab.ensure(nbytes)
+        return slab
+
+    def _read_staged(self, jobs: list[Job], plans: list[Plan]) -> list[Optional[str]]:
+        """Staged reads: each lane reads a sub-batch of whole block files (header and payload, one
+        descriptor per file) into its slab, verifies each chunk there with one pass over
+        contiguous bytes while they are in the CPU's cache, and copies only good chunks into
+        place (numpy, GIL released). A chunk of a small-head model is dozens of small segments:
+        moved one descriptor each, and hashed one call each, they cost more than this one extra
+        copy (docs/BENCHMARKS.md). The destination is never registered, and a bad file never
+        touches it. Returns each job's reason, in order."""
+        core, geo = self.core, self.core.geo
+        fb = geo.file_bytes
+        groups = planning.pipeline_groups(len(jobs), fb, max(core.pipeline_bytes or planning.STAGE_BYTES, fb))
+        lanes = core.lanes("DRAM") if len(groups) > 1 else [core.agent]
+        width = max(hi - lo for lo, hi in groups)
+        results: list[list[Optional[str]]] = [[] for _ in groups]
+        fds = [plan.fds[ci] for plan, ci in jobs]
+
+        tdim, c, poff = token_dim(geo.layout), geo.chunk_tokens, geo.payload_off
+        as_int, np_int = _INT_OF_SIZE[geo.dtype.itemsize]
+        dests = {id(p): p.mem.view(as_int).numpy() for p in plans}  # type: ignore[union-attr]
+
+        def step(agent: NixlAgent, k: int) -> None:
+            # Lean on purpose: per chunk this is Python under the GIL that other lanes wait for.
+            lo, hi = groups[k]
+            slab = self._slab(agent, width * fb)
+            assert slab.buf is not None
+            raw = slab.buf.numpy()
+            rows = np.zeros((hi - lo, 3), dtype=np.uint64)
+            rows[:, 0] = slab.addr + np.arange(hi - lo, dtype=np.uint64) * np.uint64(fb)
+            rows[:, 1] = fb
+            frows = np.zeros((hi - lo, 3), dtype=np.uint64)
+            frows[:, 1] = fb
+            frows[:, 2] = fds[lo:hi]
+            failed: list[Optional[str]] = [None] * (hi - lo)
+            try:
+                agent.transfer("READ", rows, frows, "DRAM")
+            except TransferError as exc:
+                log.warning("batched read failed (%s); retrying chunk by chunk", exc)
+                core.bump(io_errors=1)
+                failed = retry_each([partial(agent.transfer, "READ", rows[i : i + 1], frows[i : i + 1], "DRAM")
+                                     for i in range(hi - lo)])
+            out: list[Optional[str]] = []
+            for i, j in enumerate(range(lo, hi)):
+                plan, ci = jobs[j]
+                if failed[i] is not None:  # the prefix ends here; the file is not blamed
+                    out.append(_UNREADABLE + str(failed[i]))
+                    continue
+                start = i * fb
+                payload = raw[start + poff : start + fb]
+                reason = self._verdict(plan, ci, raw[start : start + poff].tobytes(),
+                                       lambda alg, p=payload: planning.contiguous_checksum(p, alg),  # type: ignore[misc]
+                                       lambda header, p=payload: planning.contiguous_mac(core.chain, header, p))  # type: ignore[misc]
+                if reason is None:  # numpy's copy releases the GIL: the other lanes go on meanwhile
+                    np.copyto(dests[id(plan)][(slice(None),) * tdim + (slice(ci * c, ci * c + c),)],
+                              payload.view(np_int).reshape(geo.chunk_shape))
+                out.append(reason)
+            results[k] = out
+
+        try:
+            with core.agent.files(fds):
+                core.run_on_lanes(lanes, len(groups), step, [], lambda k: fds[slice(*groups[k])])
+        except TransferError as exc:  # a lane could not register its files: nothing it read is trusted
+            log.warning("staged read failed: %s", exc)
+            core.bump(io_errors=1)
+            return [_UNREADABLE + str(exc)] * len(jobs)
+        return [r for rs in results for r in rs]
+
     def _read_on_lanes(self, lanes: list[NixlAgent], jobs: list[Job], groups: list[tuple[int, int]], plans: list[Plan],
                        arena: Arena, rows: tuple[np.ndarray, ...], seg_addrs: list[np.ndarray]) -> list[list[Optional[str]]]:
         """Sub-batches dealt over I/O lanes: each lane reads a sub-batch, verifies it, reads its
@@ -232,37 +330,46 @@ class BlockReader:
 
     def _check_range(self, jobs: list[Job], lo: int, hi: int, arena: Arena, seg_addrs: list[np.ndarray]) -> list[Optional[str]]:
         """Why each loaded chunk in jobs[lo:hi] is invalid (None: valid). No side effects."""
-        core, geo = self.core, self.core.geo
-        c = geo.chunk_tokens
+        geo = self.core.geo
         reasons: list[Optional[str]] = []
         for j in range(lo, hi):
             plan, ci = jobs[j]
             if ci >= plan.n:
                 reasons.append(None)
                 continue
-            toks = plan.tokens[ci * c : (ci + 1) * c]
-            try:
-                header = decode_header(ctypes.string_at(arena.addr + j * geo.payload_off, geo.payload_off))
-                geo.expected(core.chain, plan.keys[ci], core.parent_of(plan.keys, ci), toks).check(header)
-                assert plan.mem is not None
-                if core.config.verify_checksums:
-                    ident = self._unchanged_since_open(plan, ci)
-                    if ident is not None and core.verified.fresh(ident):
-                        core.bump(digests_skipped=1)
-                    elif geo.chunk_checksum(plan.mem, ci, seg_addrs[j], header.alg) != header.checksum:
-                        raise CorruptBlockError("payload checksum mismatch")
-                    elif ident is not None:
-                        core.verified.add(ident)
-                if core.chain.sealed:  # always, whatever verify_checksums says: this is authentication
-                    mac = geo.chunk_mac(core.chain, header, plan.mem, ci, seg_addrs[j])
-                    if not hmac.compare_digest(mac, header.mac):
-                        raise CorruptBlockError("MAC mismatch: not written with this tenant's key")
-                reasons.append(None)
-            except CorruptBlockError as exc:
-                reasons.append(str(exc))
-            except NewerFormatError as exc:  # not ours to judge: the prefix ends, the file stays
-                reasons.append(_NEWER + str(exc))
+            mem, addrs = plan.mem, seg_addrs[j]
+            assert mem is not None
+            reasons.append(self._verdict(
+                plan, ci, ctypes.string_at(arena.addr + j * geo.payload_off, geo.payload_off),
+                lambda alg, mem=mem, ci=ci, addrs=addrs: geo.chunk_checksum(mem, ci, addrs, alg),  # type: ignore[misc]
+                lambda header, mem=mem, ci=ci, addrs=addrs: geo.chunk_mac(self.core.chain, header, mem, ci, addrs)))  # type: ignore[misc]
         return reasons
+
+    def _verdict(self, plan: Plan, ci: int, raw_header: bytes, digest: Callable[[str], int],
+                 mac_of: Callable[[BlockHeader], bytes]) -> Optional[str]:
+        """Why chunk ``ci`` of ``plan`` is invalid (None: valid), given its header bytes and how
+        to digest (by algorithm) and MAC its payload where it was read to."""
+        core, geo = self.core, self.core.geo
+        c = geo.chunk_tokens
+        try:
+            header = decode_header(raw_header)
+            geo.expected(core.chain, plan.keys[ci], core.parent_of(plan.keys, ci), plan.tokens[ci * c : (ci + 1) * c]).check(header)
+            if core.config.verify_checksums:
+                ident = self._unchanged_since_open(plan, ci)
+                if ident is not None and core.verified.fresh(ident):
+                    core.bump(digests_skipped=1)
+                elif digest(header.alg) != header.checksum:
+                    raise CorruptBlockError("payload checksum mismatch")
+                elif ident is not None:
+                    core.verified.add(ident)
+            if core.chain.sealed:  # always, whatever verify_checksums says: this is authentication
+                if not hmac.compare_digest(mac_of(header), header.mac):
+                    raise CorruptBlockError("MAC mismatch: not written with this tenant's key")
+            return None
+        except CorruptBlockError as exc:
+            return str(exc)
+        except NewerFormatError as exc:  # not ours to judge: the prefix ends, the file stays
+            return _NEWER + str(exc)
 
     def _unchanged_since_open(self, plan: Plan, ci: int) -> Optional[FileIdentity]:
         """Chunk ``ci``'s file identity if the verified-files cache applies to it and nothing
@@ -277,16 +384,19 @@ class BlockReader:
         except OSError:
             return None
 
-    def _apply_checks(self, jobs: list[Job], reasons: list[Optional[str]]) -> None:
-        """Cut each plan at its first invalid chunk and quarantine that file."""
+    def _apply_checks(self, jobs: list[Job], reasons: list[Optional[str]], private: bool = False) -> None:
+        """Cut each plan at its first invalid chunk and quarantine that file (``private``: the
+        chunks were verified in the store's own memory, so a mismatch is the file's)."""
         for (plan, ci), reason in zip(jobs, reasons):
-            if reason is not None and ci < plan.n and plan.user_out and _PAYLOAD_MISMATCH in reason:
+            if reason is not None and ci < plan.n and plan.user_out and not private and _PAYLOAD_MISMATCH in reason:
                 # The caller's buffer may be what is wrong (written to concurrently, aliased): read
                 # the chunk again into memory of our own before blaming a shared file.
                 reason = self._recheck_private(plan, ci)
             if reason is not None and ci < plan.n:
                 if reason.startswith(_NEWER):
                     log.info("block %s: %s; treated as a miss", plan.paths[ci], reason[len(_NEWER):])
+                elif reason.startswith(_UNREADABLE):
+                    log.warning("read of %s failed: %s; prefix ends at chunk %d", plan.paths[ci], reason[len(_UNREADABLE):], ci)
                 elif reason.startswith(_CALLER):
                     pass  # the file is good; only this load stops here
                 else:
@@ -342,3 +452,4 @@ class BlockReader:
         except ValueError:
             pass
         core.notify("on_corrupt", path, reason)
+
