@@ -84,6 +84,61 @@ def test_staged_and_in_place_reads_return_the_same_bytes(tmp_path, layout, dtype
         assert same_bytes(a, want) and same_bytes(b, want)
 
 
+@pytest.mark.parametrize("tenant", [None, "acme"])
+@pytest.mark.parametrize("writer_stage, reader_stage", [(1 << 20, 0), (0, 1 << 20)])
+def test_staged_and_in_place_writes_make_the_same_files(tmp_path, tenant, writer_stage, reader_stage):
+    """A file written staged (gathered into a slab, one descriptor) is the file an in-place
+    write makes: same payload bytes, same digest, a tenant MAC the other path accepts."""
+    from dataclasses import replace
+
+    from vua_nixl.format import checksum, read_header_file
+
+    ns = replace(Namespace("staged/model", "bfloat16", LAYOUT), tenant=tenant)
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=41)
+    payloads = {}
+    for stage in (0, 1 << 20):
+        with KVStore(tmp_path / f"w{stage}", ns, chunk_tokens=CHUNK, backend="POSIX", stage_max_kib=stage, io_lanes=2,
+                     pipeline_kib=1) as s:
+            assert s.put(TOKENS, kv) == 5 * CHUNK
+            poff = payload_offset(CHUNK)
+            for key in s.keys_for(TOKENS):
+                data = Path(s.block_path(key)).read_bytes()
+                assert read_header_file(s.block_path(key)).checksum == checksum([data[poff:]])
+                payloads.setdefault(key, set()).add(data[poff:])
+    assert len(payloads) == 5 and all(len(v) == 1 for v in payloads.values())  # byte-identical payloads
+    root = tmp_path / "shared"
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", stage_max_kib=writer_stage) as w:
+        w.put(TOKENS, kv)
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", stage_max_kib=reader_stage) as r:
+        res = r.get(TOKENS)
+        assert res.tokens == 5 * CHUNK and same_bytes(res.kv, kv[:, :, : 5 * CHUNK])
+        assert r.stats()["corrupt"] == 0
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_failed_staged_write_publishes_nothing(root, ns, lanes):
+    import threading
+
+    from vua_nixl.errors import TransferError
+
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=42)
+    with KVStore(root, ns, chunk_tokens=CHUNK, backend="POSIX", io_lanes=lanes, pipeline_kib=1) as s:
+        assert s.config.stage_max_kib << 10 >= s.file_bytes
+        writers: set[str] = set()
+
+        def boom(op, descs):
+            writers.add(threading.current_thread().name)
+            if op == "WRITE" and len(writers) == lanes:  # the last lane to start fails
+                raise TransferError("injected EIO")
+
+        s.agent.fault_hook = boom
+        with pytest.raises(TransferError, match="injected EIO"):
+            s.put(TOKENS, kv)
+        s.agent.fault_hook = None
+        assert s.lookup(TOKENS) == 0 and list(s.paths.tmp.iterdir()) == []
+        assert s.stats()["write_failures"] == 1 and s.get(TOKENS).tokens == 0
+
+
 def test_get_into_caller_buffer(store):
     kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=4)
     store.put(TOKENS, kv)

@@ -99,10 +99,11 @@ class StoreConfig(TypedConfig):
         "while still in the CPU's cache (unset: 2048, measured best on a 2-CPU host; hosts with larger caches may "
         "gain from more)")
     stage_max_kib: int = Field(
-        default=4096, ge=0, description="page-cache reads of block files up to this size (KiB) into host memory go "
-        "whole, one descriptor per file, into a registered slab of the reading lane, are verified there with one "
-        "pass over contiguous bytes, and are copied into place only if good (0: always read the segments straight "
-        "into place). Small chunks of real models are dozens of small segments each; larger files gain nothing")
+        default=4096, ge=0, description="block files up to this size (KiB), page cache and host memory, move whole, one "
+        "descriptor per file, through a registered slab of the lane that moves them: a put gathers each chunk there "
+        "and digests it in one pass, a get verifies it there and copies only good chunks into place (0: every segment "
+        "moves as its own descriptor, straight between the KV and the file). Small chunks of real models are dozens "
+        "of small segments each; larger files gain nothing (docs/BENCHMARKS.md)")
     file_mode: int = Field(default=0o644, description="permission bits for block files (umask applies)")
     staging_mib: int = Field(default=256, ge=1, description="registered bounce buffer for unregistrable memory")
     output_pool_mib: int = Field(default=1024, ge=0, description="registered memory get() without out= returns results in (0: a fresh tensor per load)")

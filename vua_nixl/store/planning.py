@@ -201,6 +201,12 @@ def host_span(t: torch.Tensor) -> tuple[int, memoryview]:
     return key[0], view
 
 
+#: Integer views of KV by element size, as (torch, numpy) dtypes: numpy has no bfloat16 or fp8,
+#: and a staging copy only moves bytes.
+INT_OF_SIZE = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
+               8: (torch.int64, np.int64)}
+
+
 def contiguous_checksum(payload: np.ndarray, alg: str) -> int:
     """The digest of a payload lying contiguous in host memory (a staged read), by the header's
     algorithm: the same value :meth:`ChunkGeometry.chunk_checksum` gives for it in place."""

@@ -8,6 +8,12 @@ between polls (``StoreConfig.hash_overlap``). O_DIRECT: every sub-batch is in fl
 first is verified. Decisions (quarantine, cutting a prefix) are applied afterwards, in order, on
 the caller's thread. A transfer error trusts nothing of its batch: the batch is retried chunk by
 chunk (:func:`retry_each`, shared with ``vua-nixl verify``) to keep the longest good prefix.
+
+Small block files (``StoreConfig.stage_max_kib``) read from the page cache are *staged*
+instead: a chunk of a small-head model is dozens of small segments, and moving each as its own
+descriptor and hashing each with its own call costs more than one more copy. Each lane reads
+whole files into its own registered slab, verifies them there and copies only good chunks
+into place, so a bad file never touches the caller's memory.
 """
 
 from __future__ import annotations
@@ -44,9 +50,6 @@ _NEWER = "newer: "
 _CALLER = "caller: "
 _UNREADABLE = "unreadable: "  # the transfer failed: the prefix ends, nothing is blamed
 _PAYLOAD_MISMATCH = "mismatch"  # payload checksum or MAC: the bytes read, not the header
-#: numpy views of KV by element size: numpy has no bfloat16 or fp8, and a copy moves bytes.
-_INT_OF_SIZE = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
-                8: (torch.int64, np.int64)}
 
 
 def quarantine(paths: StorePaths, path: str, fd: Optional[int] = None, expect: Optional[tuple[int, int]] = None) -> bool:
@@ -233,7 +236,7 @@ class BlockReader:
         fds = [plan.fds[ci] for plan, ci in jobs]
 
         tdim, c, poff = token_dim(geo.layout), geo.chunk_tokens, geo.payload_off
-        as_int, np_int = _INT_OF_SIZE[geo.dtype.itemsize]
+        as_int, np_int = planning.INT_OF_SIZE[geo.dtype.itemsize]
         dests = {id(p): p.mem.view(as_int).numpy() for p in plans}  # type: ignore[union-attr]
 
         def step(agent: NixlAgent, k: int) -> None:

@@ -1,5 +1,9 @@
 """The write/publish path: unique temporary, preallocate, one NIXL write, fsync, rename.
 
+Small block files (``StoreConfig.stage_max_kib``) are staged: each lane gathers its chunks into
+a registered slab as whole files and writes each with one descriptor. Larger ones are written
+segment by segment straight from the KV.
+
 Payload checksums (and tenant MACs) are computed on a helper thread while NIXL writes the
 payloads when a CPU is idle (``StoreConfig.hash_overlap``); the headers that carry them are
 written after, still before any rename.
@@ -44,11 +48,15 @@ class BlockWriter:
         self.core = core
         self._checked: set[str] = set()  # fan-out directories verified to be inside the root
         self._hasher: Optional[ThreadPoolExecutor] = None
+        self._slabs: dict[int, planning.Arena] = {}  # id(lane agent) -> its staging slab (staged writes)
 
     def close(self) -> None:
         if self._hasher is not None:
             self._hasher.shutdown(wait=True)
             self._hasher = None
+        for slab in self._slabs.values():
+            slab.release()
+        self._slabs.clear()
 
     def write(self, plans: list[Plan], jobs: list[Job]) -> list[StoredChunk]:
         """Publish ``jobs`` (batched by file count). Raises with nothing of a failed batch visible."""
@@ -81,7 +89,7 @@ class BlockWriter:
     def _write_batch(self, plans: list[Plan], jobs: list[Job], host_mem: dict[int, torch.Tensor]) -> list[StoredChunk]:
         core, geo = self.core, self.core.geo
         arena = core.arenas["WRITE"]
-        poff, c = geo.payload_off, geo.chunk_tokens
+        c = geo.chunk_tokens
         temps: list[str] = []
         fds: list[int] = []
         regs: list[Optional[tuple[int, int, str]]] = []
@@ -90,60 +98,21 @@ class BlockWriter:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | (_O_DIRECT if core.direct else 0)
         try:
             with arena.lock:
-                arena.ensure(len(jobs) * poff)
-                nseg, seg_bytes = geo.nseg, geo.seg_bytes
-                hm = np.zeros((len(jobs), 3), dtype=np.uint64)
-                hf = np.zeros((len(jobs), 3), dtype=np.uint64)
-                pm: np.ndarray = np.zeros((len(jobs), nseg, 3), dtype=np.uint64)
-                pf: np.ndarray = np.zeros((len(jobs), nseg, 3), dtype=np.uint64)
-                seg_offsets = poff + np.arange(nseg, dtype=np.uint64) * seg_bytes
-                sealers: list[Callable[[], bytes]] = []
-                for j, (key, (pi, ci)) in enumerate(jobs):
+                for key, (pi, ci) in jobs:
                     plan = plans[pi]
-                    src = host_mem[pi]
-                    addrs = geo.segment_addrs(src, ci)
-                    parent = core.parent_of(plan.keys, ci)
-                    toks = plan.tokens[ci * c : (ci + 1) * c]
-                    sealers.append(self._sealer(src, ci, addrs, geo.expected(core.chain, key, parent, toks)))
                     tmp = core.paths.tmp_file(key.hex())
                     fd = os.open(tmp, flags, core.config.file_mode)
                     temps.append(tmp)
                     fds.append(fd)
                     _preallocate(fd, geo.file_bytes)
-                    hm[j] = (arena.addr + j * poff, poff, 0)
-                    hf[j] = (0, poff, fd)
-                    pm[j, :, 0], pm[j, :, 1], pm[j, :, 2] = addrs, seg_bytes, src.device.index or 0
-                    pf[j, :, 0], pf[j, :, 1], pf[j, :, 2] = seg_offsets, seg_bytes, fd
-                    chunks.append(StoredChunk(ci, key, parent, toks, geo.file_bytes, core.block_path(key)))
-                regs = core.agent.register_batch([(src, False) for src in host_mem.values()])
-                device_ctx = on_device(host_mem.values())
-                pm, pf = pm.reshape(-1, 3), pf.reshape(-1, 3)
+                    chunks.append(StoredChunk(ci, key, core.parent_of(plan.keys, ci), plan.tokens[ci * c : (ci + 1) * c],
+                                              geo.file_bytes, core.block_path(key)))
                 mem_type = core.agent.mem_type_of(next(iter(host_mem.values())))
-
-                def place_headers(headers: list[bytes]) -> None:
-                    for j, hdr in enumerate(headers):
-                        ctypes.memmove(arena.addr + j * poff, hdr, len(hdr))
-
-                groups = planning.pipeline_groups(len(jobs), geo.file_bytes, core.pipeline_bytes)
-                lanes = core.lanes(mem_type) if len(groups) > 1 else [core.agent]
-                with device_ctx, core.agent.files(fds):
-                    if len(lanes) > 1:
-                        self._write_on_lanes(lanes, groups, sealers, list(host_mem.values()), fds, (hm, hf, pm, pf))
-                    elif mem_type == "DRAM" and len(jobs) > 1 and core.hash_in_thread():
-                        # Digests on a helper thread while this one drives the payload write;
-                        # the headers that carry them go in a second request, before any rename.
-                        if self._hasher is None:
-                            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-nixl-digest")
-                        pending = self._hasher.submit(lambda: [seal() for seal in sealers])
-                        try:
-                            transfer_rows(core.agent, "WRITE", hm[:0], hf[:0], pm, pf, mem_type)
-                        finally:
-                            headers = pending.result()  # never leave the thread reading freed memory
-                        place_headers(headers)
-                        transfer_rows(core.agent, "WRITE", hm, hf, pm[:0], pf[:0], mem_type)
-                    else:
-                        place_headers([seal() for seal in sealers])
-                        transfer_rows(core.agent, "WRITE", hm, hf, pm, pf, mem_type)
+                if self._stages(mem_type):
+                    self._write_staged(chunks, jobs, host_mem, fds)
+                else:
+                    regs = core.agent.register_batch([(src, False) for src in host_mem.values()])
+                    self._write_in_place(chunks, jobs, host_mem, fds, mem_type)
             if core.config.fsync:
                 for fd in fds:
                     os.fsync(fd)
@@ -175,6 +144,108 @@ class BlockWriter:
                     pass
             for reg in regs:
                 core.agent.release(reg)
+
+    def _write_in_place(self, chunks: list[StoredChunk], jobs: list[Job], host_mem: dict[int, torch.Tensor],
+                        fds: list[int], mem_type: str) -> None:
+        """Every segment written straight from the source (one descriptor each), headers from
+        the arena: over I/O lanes, with digests on a helper thread, or serially."""
+        core, geo = self.core, self.core.geo
+        arena = core.arenas["WRITE"]
+        poff, nseg, seg_bytes = geo.payload_off, geo.nseg, geo.seg_bytes
+        arena.ensure(len(jobs) * poff)
+        hm = np.zeros((len(jobs), 3), dtype=np.uint64)
+        hf = np.zeros((len(jobs), 3), dtype=np.uint64)
+        pm: np.ndarray = np.zeros((len(jobs), nseg, 3), dtype=np.uint64)
+        pf: np.ndarray = np.zeros((len(jobs), nseg, 3), dtype=np.uint64)
+        seg_offsets = poff + np.arange(nseg, dtype=np.uint64) * seg_bytes
+        sealers: list[Callable[[], bytes]] = []
+        for j, ((key, (pi, ci)), chunk, fd) in enumerate(zip(jobs, chunks, fds)):
+            src = host_mem[pi]
+            addrs = geo.segment_addrs(src, ci)
+            sealers.append(self._sealer(src, ci, addrs, geo.expected(core.chain, key, chunk.parent, chunk.tokens)))
+            hm[j] = (arena.addr + j * poff, poff, 0)
+            hf[j] = (0, poff, fd)
+            pm[j, :, 0], pm[j, :, 1], pm[j, :, 2] = addrs, seg_bytes, src.device.index or 0
+            pf[j, :, 0], pf[j, :, 1], pf[j, :, 2] = seg_offsets, seg_bytes, fd
+        pm, pf = pm.reshape(-1, 3), pf.reshape(-1, 3)
+
+        def place_headers(headers: list[bytes]) -> None:
+            for j, hdr in enumerate(headers):
+                ctypes.memmove(arena.addr + j * poff, hdr, len(hdr))
+
+        groups = planning.pipeline_groups(len(jobs), geo.file_bytes, core.pipeline_bytes)
+        lanes = core.lanes(mem_type) if len(groups) > 1 else [core.agent]
+        with on_device(host_mem.values()), core.agent.files(fds):
+            if len(lanes) > 1:
+                self._write_on_lanes(lanes, groups, sealers, list(host_mem.values()), fds, (hm, hf, pm, pf))
+            elif mem_type == "DRAM" and len(jobs) > 1 and core.hash_in_thread():
+                # Digests on a helper thread while this one drives the payload write;
+                # the headers that carry them go in a second request, before any rename.
+                if self._hasher is None:
+                    self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-nixl-digest")
+                pending = self._hasher.submit(lambda: [seal() for seal in sealers])
+                try:
+                    transfer_rows(core.agent, "WRITE", hm[:0], hf[:0], pm, pf, mem_type)
+                finally:
+                    headers = pending.result()  # never leave the thread reading freed memory
+                place_headers(headers)
+                transfer_rows(core.agent, "WRITE", hm, hf, pm[:0], pf[:0], mem_type)
+            else:
+                place_headers([seal() for seal in sealers])
+                transfer_rows(core.agent, "WRITE", hm, hf, pm, pf, mem_type)
+
+    def _stages(self, mem_type: str) -> bool:
+        """Whether this batch is written staged (see ``StoreConfig.stage_max_kib``)."""
+        core = self.core
+        return (mem_type == "DRAM" and core.agent.backend == "POSIX" and not core.direct
+                and 0 < core.geo.file_bytes <= core.config.stage_max_kib << 10)
+
+    def _slab(self, agent: NixlAgent, nbytes: int) -> planning.Arena:
+        slab = self._slabs.get(id(agent))
+        if slab is None:
+            slab = self._slabs[id(agent)] = planning.Arena(agent)
+        slab.ensure(nbytes)
+        return slab
+
+    def _write_staged(self, chunks: list[StoredChunk], jobs: list[Job], host_mem: dict[int, torch.Tensor], fds: list[int]) -> None:
+        """Staged writes: each lane gathers a sub-batch of chunks into its slab as whole files
+        (header, then contiguous payload), digests each payload there while it is in cache, and
+        writes each file as one descriptor. The mirror of staged reads: dozens of small segments
+        per chunk cost more as descriptors and hash calls than one gathering copy."""
+        core, geo = self.core, self.core.geo
+        fb, poff, c = geo.file_bytes, geo.payload_off, geo.chunk_tokens
+        tdim = token_dim(geo.layout)
+        groups = planning.pipeline_groups(len(jobs), fb, max(core.pipeline_bytes or planning.STAGE_BYTES, fb))
+        lanes = core.lanes("DRAM") if len(groups) > 1 else [core.agent]
+        width = max(hi - lo for lo, hi in groups)
+        as_int, np_int = planning.INT_OF_SIZE[geo.dtype.itemsize]
+        srcs = {pi: t.view(as_int).numpy() for pi, t in host_mem.items()}
+        alg = {pi: digest_for(t) for pi, t in host_mem.items()}
+
+        def step(agent: NixlAgent, k: int) -> None:
+            lo, hi = groups[k]
+            slab = self._slab(agent, width * fb)
+            assert slab.buf is not None
+            raw = slab.buf.numpy()
+            for i, ((key, (pi, ci)), chunk) in enumerate(zip(jobs[lo:hi], chunks[lo:hi])):
+                start = i * fb
+                payload = raw[start + poff : start + fb]
+                np.copyto(payload.view(np_int).reshape(geo.chunk_shape), srcs[pi][(slice(None),) * tdim + (slice(ci * c, ci * c + c),)])
+                expected = geo.expected(core.chain, key, chunk.parent, chunk.tokens)
+                header = expected.make_header(planning.contiguous_checksum(payload, alg[pi]), alg=alg[pi])
+                if core.chain.sealed:
+                    header = replace(header, mac=planning.contiguous_mac(core.chain, header, payload))
+                raw[start : start + poff] = np.frombuffer(encode_header(header), dtype=np.uint8)
+            rows = np.zeros((hi - lo, 3), dtype=np.uint64)
+            rows[:, 0] = slab.addr + np.arange(hi - lo, dtype=np.uint64) * np.uint64(fb)
+            rows[:, 1] = fb
+            frows = np.zeros((hi - lo, 3), dtype=np.uint64)
+            frows[:, 1] = fb
+            frows[:, 2] = fds[lo:hi]
+            agent.transfer("WRITE", rows, frows, "DRAM")
+
+        with core.agent.files(fds):
+            core.run_on_lanes(lanes, len(groups), step, [], lambda k: fds[slice(*groups[k])])
 
     def _write_on_lanes(self, lanes: list[NixlAgent], groups: list[tuple[int, int]], sealers: list[Callable[[], bytes]],
                         sources: list[torch.Tensor], fds: list[int], rows: tuple[np.ndarray, ...]) -> None:
