@@ -179,6 +179,44 @@ class Arena:
         self.buf, self.key, self.addr, self.size = None, None, 0, 0
 
 
+class LaneSlabs:
+    """One registered :class:`Arena` per lane agent, for staged transfers (whole block files
+    gathered or verified in host memory of the lane's own). Used under the caller's lock."""
+
+    def __init__(self) -> None:
+        self._slabs: dict[int, Arena] = {}  # id(agent) -> its slab
+
+    def get(self, agent: NixlAgent, nbytes: int) -> Arena:
+        """``agent``'s slab, registered with it, at least ``nbytes``."""
+        slab = self._slabs.get(id(agent))
+        if slab is None:
+            slab = self._slabs[id(agent)] = Arena(agent)
+        slab.ensure(nbytes)
+        return slab
+
+    def release(self) -> None:
+        for slab in self._slabs.values():
+            slab.release()
+        self._slabs.clear()
+
+
+def whole_file_rows(slab: Arena, file_bytes: int, fds: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptor rows moving whole block files ``fds`` to or from consecutive places of ``slab``."""
+    n = len(fds)
+    mem = np.zeros((n, 3), dtype=np.uint64)
+    mem[:, 0] = slab.addr + np.arange(n, dtype=np.uint64) * np.uint64(file_bytes)
+    mem[:, 1] = file_bytes
+    fil = np.zeros((n, 3), dtype=np.uint64)
+    fil[:, 1] = file_bytes
+    fil[:, 2] = fds
+    return mem, fil
+
+
+def stage_groups(n_jobs: int, file_bytes: int, pipeline: Optional[int]) -> list[tuple[int, int]]:
+    """Sub-batches of a staged transfer: ``STAGE_BYTES`` (or ``pipeline_kib``), at least one file."""
+    return pipeline_groups(n_jobs, file_bytes, max(pipeline or STAGE_BYTES, file_bytes))
+
+
 _SPANS: OrderedDict[tuple[int, int], memoryview] = OrderedDict()
 _SPANS_LOCK = threading.Lock()
 

@@ -92,15 +92,13 @@ class BlockReader:
     def __init__(self, core: StoreCore):
         self.core = core
         self._verifier: Optional[ThreadPoolExecutor] = None
-        self._slabs: dict[int, Arena] = {}  # id(lane agent) -> its staging slab (staged reads)
+        self._slabs = planning.LaneSlabs()  # staged reads
 
     def close(self) -> None:
         if self._verifier is not None:
             self._verifier.shutdown(wait=True)
             self._verifier = None
-        for slab in self._slabs.values():
-            slab.release()
-        self._slabs.clear()
+        self._slabs.release()
 
     def open_prefix(self, plan: Plan) -> None:
         """Open the contiguous run of chunk files from the start; stop at the first gap."""
@@ -211,14 +209,6 @@ class BlockReader:
                 and (core.config.verify_checksums or core.chain.sealed)
                 and all(m is not None and m.device.type == "cpu" for m in mems))
 
-    def _slab(self, agent: NixlAgent, nbytes: int) -> Arena:
-        """``agent``'s staging slab, registered with it, at least ``nbytes``."""
-        slab = self._slabs.get(id(agent))
-        if slab is None:
-            slab = self._slabs[id(agent)] = Arena(agent)
-        slab.ensure(nbytes)
-        return slab
-
     def _read_staged(self, jobs: list[Job], plans: list[Plan]) -> list[Optional[str]]:
         """Staged reads: each lane reads a sub-batch of whole block files (header and payload, one
         descriptor per file) into its slab, verifies each chunk there with one pass over
@@ -229,7 +219,7 @@ class BlockReader:
         touches it. Returns each job's reason, in order."""
         core, geo = self.core, self.core.geo
         fb = geo.file_bytes
-        groups = planning.pipeline_groups(len(jobs), fb, max(core.pipeline_bytes or planning.STAGE_BYTES, fb))
+        groups = planning.stage_groups(len(jobs), fb, core.pipeline_bytes)
         lanes = core.lanes("DRAM") if len(groups) > 1 else [core.agent]
         width = max(hi - lo for lo, hi in groups)
         results: list[list[Optional[str]]] = [[] for _ in groups]
@@ -242,15 +232,10 @@ class BlockReader:
         def step(agent: NixlAgent, k: int) -> None:
             # Lean on purpose: per chunk this is Python under the GIL that other lanes wait for.
             lo, hi = groups[k]
-            slab = self._slab(agent, width * fb)
+            slab = self._slabs.get(agent, width * fb)
             assert slab.buf is not None
             raw = slab.buf.numpy()
-            rows = np.zeros((hi - lo, 3), dtype=np.uint64)
-            rows[:, 0] = slab.addr + np.arange(hi - lo, dtype=np.uint64) * np.uint64(fb)
-            rows[:, 1] = fb
-            frows = np.zeros((hi - lo, 3), dtype=np.uint64)
-            frows[:, 1] = fb
-            frows[:, 2] = fds[lo:hi]
+            rows, frows = planning.whole_file_rows(slab, fb, fds[lo:hi])
             failed: list[Optional[str]] = [None] * (hi - lo)
             try:
                 agent.transfer("READ", rows, frows, "DRAM")

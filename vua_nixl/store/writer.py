@@ -48,15 +48,13 @@ class BlockWriter:
         self.core = core
         self._checked: set[str] = set()  # fan-out directories verified to be inside the root
         self._hasher: Optional[ThreadPoolExecutor] = None
-        self._slabs: dict[int, planning.Arena] = {}  # id(lane agent) -> its staging slab (staged writes)
+        self._slabs = planning.LaneSlabs()  # staged writes
 
     def close(self) -> None:
         if self._hasher is not None:
             self._hasher.shutdown(wait=True)
             self._hasher = None
-        for slab in self._slabs.values():
-            slab.release()
-        self._slabs.clear()
+        self._slabs.release()
 
     def write(self, plans: list[Plan], jobs: list[Job]) -> list[StoredChunk]:
         """Publish ``jobs`` (batched by file count). Raises with nothing of a failed batch visible."""
@@ -200,13 +198,6 @@ class BlockWriter:
         return (mem_type == "DRAM" and core.agent.backend == "POSIX" and not core.direct
                 and 0 < core.geo.file_bytes <= core.config.stage_max_kib << 10)
 
-    def _slab(self, agent: NixlAgent, nbytes: int) -> planning.Arena:
-        slab = self._slabs.get(id(agent))
-        if slab is None:
-            slab = self._slabs[id(agent)] = planning.Arena(agent)
-        slab.ensure(nbytes)
-        return slab
-
     def _write_staged(self, chunks: list[StoredChunk], jobs: list[Job], host_mem: dict[int, torch.Tensor], fds: list[int]) -> None:
         """Staged writes: each lane gathers a sub-batch of chunks into its slab as whole files
         (header, then contiguous payload), digests each payload there while it is in cache, and
@@ -215,7 +206,7 @@ class BlockWriter:
         core, geo = self.core, self.core.geo
         fb, poff, c = geo.file_bytes, geo.payload_off, geo.chunk_tokens
         tdim = token_dim(geo.layout)
-        groups = planning.pipeline_groups(len(jobs), fb, max(core.pipeline_bytes or planning.STAGE_BYTES, fb))
+        groups = planning.stage_groups(len(jobs), fb, core.pipeline_bytes)
         lanes = core.lanes("DRAM") if len(groups) > 1 else [core.agent]
         width = max(hi - lo for lo, hi in groups)
         as_int, np_int = planning.INT_OF_SIZE[geo.dtype.itemsize]
@@ -224,7 +215,7 @@ class BlockWriter:
 
         def step(agent: NixlAgent, k: int) -> None:
             lo, hi = groups[k]
-            slab = self._slab(agent, width * fb)
+            slab = self._slabs.get(agent, width * fb)
             assert slab.buf is not None
             raw = slab.buf.numpy()
             for i, ((key, (pi, ci)), chunk) in enumerate(zip(jobs[lo:hi], chunks[lo:hi])):
@@ -236,13 +227,7 @@ class BlockWriter:
                 if core.chain.sealed:
                     header = replace(header, mac=planning.contiguous_mac(core.chain, header, payload))
                 raw[start : start + poff] = np.frombuffer(encode_header(header), dtype=np.uint8)
-            rows = np.zeros((hi - lo, 3), dtype=np.uint64)
-            rows[:, 0] = slab.addr + np.arange(hi - lo, dtype=np.uint64) * np.uint64(fb)
-            rows[:, 1] = fb
-            frows = np.zeros((hi - lo, 3), dtype=np.uint64)
-            frows[:, 1] = fb
-            frows[:, 2] = fds[lo:hi]
-            agent.transfer("WRITE", rows, frows, "DRAM")
+            agent.transfer("WRITE", *planning.whole_file_rows(slab, fb, fds[lo:hi]), "DRAM")
 
         with core.agent.files(fds):
             core.run_on_lanes(lanes, len(groups), step, [], lambda k: fds[slice(*groups[k])])
