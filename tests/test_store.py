@@ -115,6 +115,25 @@ def test_staged_and_in_place_writes_make_the_same_files(tmp_path, tenant, writer
         assert r.stats()["corrupt"] == 0
 
 
+def test_staged_transfers_never_register_the_callers_memory(store):
+    """Staged puts and gets move bytes through the lanes' own slabs: the KV and the output
+    buffer are only copied, never handed to NIXL (in place, both are registered)."""
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=44)
+    out = torch.zeros(LAYOUT.shape(5 * CHUNK), dtype=torch.bfloat16)
+    seen: list[int] = []
+    real = store.agent.register_batch
+
+    def spy(items):
+        seen.extend(t.data_ptr() for t, _ in items)
+        return real(items)
+
+    store.agent.register_batch = spy
+    assert store.put(TOKENS, kv) == 5 * CHUNK and store.get(TOKENS, out=out).tokens == 5 * CHUNK
+    assert same_bytes(out, kv[:, :, : 5 * CHUNK])
+    assert kv.data_ptr() not in seen and out.data_ptr() not in seen
+    assert not {k[0] for k in store.agent.registered()} & {kv.data_ptr(), out.data_ptr()}
+
+
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_a_failed_staged_write_publishes_nothing(root, ns, lanes):
     import threading
