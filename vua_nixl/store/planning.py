@@ -35,8 +35,8 @@ DIRECT_ALIGN = 4096
 #: from memory here, and 2 MiB sub-batches read 2-4 MiB chunks 1.2x faster than 8 MiB ones
 #: (docs/BENCHMARKS.md); large enough that per-request costs stay small.
 PIPELINE_BYTES = 2 << 20
-#: Sub-batch of a staged read (``StoreConfig.stage_max_kib``), at least two files: every
-#: request costs a fixed ~0.1 ms, and the slab is copied out right after it is hashed.
+#: Sub-batch of a staged read or write (``StoreConfig.stage_max_kib``), at least one file:
+#: every request costs a fixed ~0.1 ms, and the slab is copied right before or after it is hashed.
 #: llama-3.1-8b 1 MiB chunks, two lanes: 2.7 GiB/s at 1 file per request, 4.3-4.5 at 2 MiB,
 #: 4.6-4.8 at 4 MiB, 3.7-4.1 at 8 MiB (raw preadv 5.8-6.3).
 STAGE_BYTES = 4 << 20
@@ -246,7 +246,7 @@ INT_OF_SIZE = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch
 
 
 def contiguous_checksum(payload: np.ndarray, alg: str) -> int:
-    """The digest of a payload lying contiguous in host memory (a staged read), by the header's
+    """The digest of a payload lying contiguous in host memory (a staged transfer), by the header's
     algorithm: the same value :meth:`ChunkGeometry.chunk_checksum` gives for it in place."""
     if alg == PROJ64:
         return proj64(torch.from_numpy(payload))
