@@ -168,11 +168,11 @@ def _verify_batch(agent: NixlAgent, batch: list[tuple[str, str, int]]) -> list[B
     try:
         offs, off = [], 0
         inodes = []
+        # GDS: cuFile takes only plain, O_DIRECT descriptors of the checked file.
+        gds = agent.plain_fds_only
+        flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if gds else 0)
         for _, path, n in batch:
-            # swapped for a FIFO or link since the walk: refused, not read. GDS: cuFile takes
-            # only plain, O_DIRECT descriptors of the checked file.
-            gds = agent.plain_fds_only
-            fd = open_regular(path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if gds else 0), plain=gds)
+            fd = open_regular(path, flags, plain=gds)  # swapped for a FIFO or link since the walk: refused, not read
             fds.append(fd)
             st = os.fstat(fd)
             inodes.append((st.st_dev, st.st_ino))

@@ -193,6 +193,13 @@ class StoreCore:
                 lane.close()
             self._lanes.clear()
 
+    def stages_files(self) -> bool:
+        """Whether this store's block files move whole through lane slabs (``stage_max_kib``):
+        POSIX page-cache I/O of files up to the limit. Callers add what their direction needs
+        (host memory; for reads, something to verify)."""
+        return (self.agent.backend == "POSIX" and not self.direct
+                and 0 < self.geo.file_bytes <= self.config.stage_max_kib << 10)
+
     def needs_bounce(self, t: torch.Tensor) -> bool:
         """Whether the agent cannot use ``t``'s memory directly (see StagingPool)."""
         if t.device.type == "cuda" and not self.vram_ok:

@@ -203,11 +203,8 @@ class BlockReader:
         """Whether this batch reads whole files into lane slabs (see ``StoreConfig.stage_max_kib``):
         page-cache reads into host memory, through POSIX, with something to hash."""
         core = self.core
-        mems = [p.mem for p in plans]
-        return (core.agent.backend == "POSIX" and not core.direct
-                and 0 < core.geo.file_bytes <= core.config.stage_max_kib << 10
-                and (core.config.verify_checksums or core.chain.sealed)
-                and all(m is not None and m.device.type == "cpu" for m in mems))
+        return (core.stages_files() and (core.config.verify_checksums or core.chain.sealed)
+                and all(p.mem is not None and p.mem.device.type == "cpu" for p in plans))
 
     def _read_staged(self, jobs: list[Job], plans: list[Plan]) -> list[Optional[str]]:
         """Staged reads: each lane reads a sub-batch of whole block files (header and payload, one

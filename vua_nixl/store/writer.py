@@ -106,7 +106,7 @@ class BlockWriter:
                     chunks.append(StoredChunk(ci, key, core.parent_of(plan.keys, ci), plan.tokens[ci * c : (ci + 1) * c],
                                               geo.file_bytes, core.block_path(key)))
                 mem_type = core.agent.mem_type_of(next(iter(host_mem.values())))
-                if self._stages(mem_type):
+                if mem_type == "DRAM" and core.stages_files():
                     self._write_staged(chunks, jobs, host_mem, fds)
                 else:
                     regs = core.agent.register_batch([(src, False) for src in host_mem.values()])
@@ -191,12 +191,6 @@ class BlockWriter:
             else:
                 place_headers([seal() for seal in sealers])
                 transfer_rows(core.agent, "WRITE", hm, hf, pm, pf, mem_type)
-
-    def _stages(self, mem_type: str) -> bool:
-        """Whether this batch is written staged (see ``StoreConfig.stage_max_kib``)."""
-        core = self.core
-        return (mem_type == "DRAM" and core.agent.backend == "POSIX" and not core.direct
-                and 0 < core.geo.file_bytes <= core.config.stage_max_kib << 10)
 
     def _write_staged(self, chunks: list[StoredChunk], jobs: list[Job], host_mem: dict[int, torch.Tensor], fds: list[int]) -> None:
         """Staged writes: each lane gathers a sub-batch of chunks into its slab as whole files
