@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--two-clients", action="store_const", const=2, dest="clients", help="same as --clients 2")
     p.add_argument("--lease", type=float, default=2.0, help="root lease seconds (VUA_NIXL_LEASE_S) in the workers")
     p.add_argument("--lease-margin", type=float, default=1.0, help="root lease margin seconds")
+    p.add_argument("--recycle-pool", type=parse_size, default=0,
+                   help="recycle pool of every worker's pruner (e.g. 192KiB; default 0: eviction unlinks)")
+    p.add_argument("--recycle-after", type=float, default=1.0, help="seconds a pooled file rests before a put overwrites it")
     p.add_argument("--json", default="results/soak.json", help="where to write the report")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         plant_interval_s=args.plant_interval, eio_rate=args.eio_rate, enospc_rate=args.enospc_rate,
         refresh_s=args.refresh, seed=args.seed, hosts=args.hosts, prune_period_s=args.prune_period,
         client_roots=[str(m) for m in clients.mounts] if clients else [], lease_s=args.lease,
-        lease_margin_s=args.lease_margin,
+        lease_margin_s=args.lease_margin, recycle_pool_bytes=args.recycle_pool, recycle_after_s=args.recycle_after,
     )
     try:
         t0 = time.time()

@@ -10,6 +10,9 @@ raw, store, ...) so both see the same background load:
               its own file (no header, checksum, preallocation or rename); every timed write,
               raw or store, starts after os.sync() (no dirty pages left from the last round)
   store put : KVStore.put_many (header, XXH3 checksum, preallocation, NIXL write, atomic rename)
+  recycled  : (``--recycle``) the same put into the previous round's block files, evicted into the
+              recycle pool (untimed) as the pruner of a full store does; the pool is aged by the
+              store's clock for it instead of sleeping ``recycle_after_s``
   raw read  : os.preadv of the store's own block files straight into a preallocated canonical
               buffer (segment by segment: the same scatter the store must do)
   get(out=) : KVStore.get into the same preallocated buffer (NIXL read + header + checksum)
@@ -43,6 +46,7 @@ import torch
 from vua_nixl import KVLayout, KVStore, Namespace
 from vua_nixl.agent import aligned_empty
 from vua_nixl.keys import as_token_array, chunk_keys
+from vua_nixl.recycle import give
 from vua_nixl_bench.plan import PRESETS, ModelShape
 from vua_nixl_bench.results import load_line
 
@@ -85,7 +89,8 @@ def interleaved(fns: dict[str, Callable[[], None]], repeat: int, setup: Optional
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_point(model: str, mib: int, total_mib: int, repeat: int, base: Path, direct: bool, verify: bool) -> dict[str, Any]:
+def bench_point(model: str, mib: int, total_mib: int, repeat: int, base: Path, direct: bool, verify: bool,
+                recycle: bool = False) -> dict[str, Any]:
     shape = PRESETS[model]
     layout = layout_of(shape)
     ctoks = chunk_tokens_for(layout, mib)
@@ -123,6 +128,12 @@ def bench_point(model: str, mib: int, total_mib: int, repeat: int, base: Path, d
             shutil.rmtree(rawdir, ignore_errors=True)
             rawdir.mkdir(parents=True)
 
+        def pool_store() -> None:  # evict this round's blocks into the pool, aged
+            for p in paths:
+                if not give(store.paths, p):
+                    raise RuntimeError(f"{p} could not be pooled")
+            store._writer._pool.clock = lambda: time.time() + 1e6
+
         def raw_write() -> None:
             wflags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
             for i in range(n_chunks):
@@ -159,8 +170,14 @@ def bench_point(model: str, mib: int, total_mib: int, repeat: int, base: Path, d
             # 0.35-3.4 GiB/s between rounds without this).
             return lambda: (wipe(), os.sync())  # type: ignore[func-returns-value]
 
-        w = interleaved({"raw_write": raw_write, "store_put": store_put}, repeat,
-                        {"raw_write": clean(wipe_raw), "store_put": clean(wipe_store)})
+        writes = {"raw_write": raw_write, "store_put": store_put}
+        setups = {"raw_write": clean(wipe_raw), "store_put": clean(wipe_store)}
+        if recycle:
+            before = store.stats()["chunks_recycled"]  # each recycled round overwrites the plain put's files
+            writes["store_put_recycled"], setups["store_put_recycled"] = store_put, clean(pool_store)
+        w = interleaved(writes, repeat, setups)
+        if recycle and store.stats()["chunks_recycled"] - before != repeat * n_chunks:
+            raise RuntimeError("recycled puts did not all go into recycled files")
         get_out()  # warm the page cache and the registrations
         get_new()
         r = interleaved({"raw_read": raw_read, "store_get_out": get_out, "store_get": get_new}, repeat)
@@ -170,9 +187,12 @@ def bench_point(model: str, mib: int, total_mib: int, repeat: int, base: Path, d
         res.update({f"{k}_s": v for k, v in {**w, **r}.items()})
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(rawdir, ignore_errors=True)
-    for k in ("raw_write", "store_put", "raw_read", "store_get_out", "store_get"):
-        res[f"{k}_gibs"] = nbytes / res[f"{k}_s"] / 2**30
+    for k in ("raw_write", "store_put", "store_put_recycled", "raw_read", "store_get_out", "store_get"):
+        if f"{k}_s" in res:
+            res[f"{k}_gibs"] = nbytes / res[f"{k}_s"] / 2**30
     res["put_ratio"] = res["store_put_gibs"] / res["raw_write_gibs"]
+    if recycle:
+        res["recycled_put_ratio"] = res["store_put_recycled_gibs"] / res["raw_write_gibs"]
     res["get_out_ratio"] = res["store_get_out_gibs"] / res["raw_read_gibs"]
     res["get_ratio"] = res["store_get_gibs"] / res["raw_read_gibs"]
     return res
@@ -222,16 +242,18 @@ def direct_supported(base: Path) -> bool:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    recycled = any("recycled_put_ratio" in r for r in rows)
     head = ("| model | mode | chunk (tokens, segment) | raw read GiB/s | get(out=) | /raw | get() | /raw "
-            "| raw write GiB/s | put | /raw |")
-    lines = [head, "|" + "---|" * 11]
+            "| raw write GiB/s | put | /raw |" + (" recycled put | /raw |" if recycled else ""))
+    lines = [head, "|" + "---|" * (13 if recycled else 11)]
     for r in rows:
         mode = ("O_DIRECT" if r["direct"] else "page cache") + (", checksums on" if r["verify"] else ", checksums off")
         lines.append(
             f"| {r['model']} | {mode} | {r['chunk_bytes'] / 2**20:.1f} MiB ({r['chunk_tokens']}, {r['seg_bytes'] >> 10} KiB) "
             f"| {r['raw_read_gibs']:.2f} | {r['store_get_out_gibs']:.2f} | **{r['get_out_ratio']:.2f}** "
             f"| {r['store_get_gibs']:.2f} | **{r['get_ratio']:.2f}** | {r['raw_write_gibs']:.2f} "
-            f"| {r['store_put_gibs']:.2f} | **{r['put_ratio']:.2f}** |")
+            f"| {r['store_put_gibs']:.2f} | **{r['put_ratio']:.2f}** |"
+            + (f" {r['store_put_recycled_gibs']:.2f} | **{r['recycled_put_ratio']:.2f}** |" if recycled else ""))
     return "\n".join(lines)
 
 
@@ -246,6 +268,7 @@ def main() -> int:
     ap.add_argument("--no-direct", action="store_true", help="skip the O_DIRECT rows")
     ap.add_argument("--no-unverified", action="store_true", help="skip the checksums-off rows")
     ap.add_argument("--no-lookup", action="store_true", help="skip the hashing/lookup timing")
+    ap.add_argument("--recycle", action="store_true", help="also time puts into recycled block files (a store at capacity)")
     args = ap.parse_args()
     models = list(PRESETS) if args.models == ["all"] else args.models
     args.out.mkdir(parents=True, exist_ok=True)
@@ -262,12 +285,13 @@ def main() -> int:
         for direct, verify in modes:
             for model in models:
                 for mib in args.sizes:
-                    r = bench_point(model, mib, max(args.total_mib, 2 * mib), args.repeat, base, direct, verify)
+                    r = bench_point(model, mib, max(args.total_mib, 2 * mib), args.repeat, base, direct, verify, args.recycle)
                     r["loadavg"] = os.getloadavg()[0]
                     rows.append(r)
                     print(f"{'direct' if direct else 'cached':6s} verify={'on ' if verify else 'off'} {model:14s} {mib:3d} MiB "
                           f"get(out=) {r['get_out_ratio']:.2f}x  get() {r['get_ratio']:.2f}x  put {r['put_ratio']:.2f}x "
-                          f"(raw read {r['raw_read_gibs']:.2f} GiB/s, load {r['loadavg']:.1f})", flush=True)
+                          + (f"recycled put {r['recycled_put_ratio']:.2f}x " if args.recycle else "")
+                          + f"(raw read {r['raw_read_gibs']:.2f} GiB/s, load {r['loadavg']:.1f})", flush=True)
         if not args.no_lookup:
             lookup = bench_lookup(base, args.repeat)
     finally:

@@ -132,8 +132,10 @@ def test_env_reaches_the_lifecycle_pruner(tmp_path, monkeypatch):
     monkeypatch.setenv("VUA_NIXL_MAX_BYTES", "3M")
     monkeypatch.setenv("VUA_NIXL_LOW_WATER", "0.5")
     monkeypatch.setenv("VUA_NIXL_PRUNE_PERIOD_S", "7")
+    monkeypatch.setenv("VUA_NIXL_RECYCLE_POOL_MIB", "1")
     lc = Lifecycle(root)
     assert (lc.pruner.tmp_max_age_s, lc.pruner.max_bytes, lc.pruner.low_water, lc.background.period_s) == (5, 3 << 20, 0.5, 7)
+    assert lc.pruner.recycle_pool_bytes == 1 << 20
     # and through the CLI: a foreign temporary 60 s old goes (older than 5 s), a fresh one stays
     tmp = root / "tmp"
     tmp.mkdir(parents=True)
@@ -142,10 +144,12 @@ def test_env_reaches_the_lifecycle_pruner(tmp_path, monkeypatch):
     new.write_bytes(b"x")
     os.utime(old, (time.time() - 60, time.time() - 60))
     r = subprocess.run([sys.executable, "-m", "vua_nixl", "prune", "--root", str(root), "--json"], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "VUA_NIXL_TMP_MAX_AGE_S": "5", "VUA_NIXL_MAX_BYTES": "3M"})
+                       text=True, timeout=120, env={**os.environ, "VUA_NIXL_TMP_MAX_AGE_S": "5", "VUA_NIXL_MAX_BYTES": "3M",
+                                                  "VUA_NIXL_RECYCLE_POOL_MIB": "1"})
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert (out["tmp_max_age_s"], out["max_bytes"], out["temporaries_removed"]) == (5.0, 3 << 20, 1)
+    assert out["recycle_pool_bytes"] == 1 << 20
     assert not old.exists() and new.exists()
 
 

@@ -25,6 +25,7 @@ from vua_nixl.digest import PROJ64, proj64
 from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError
 from vua_nixl.format import FORMAT_VERSION, checksum, decode_header
 from vua_nixl.paths import StorePaths, note_odd_name, parse_tmp_name, writer_gone
+from vua_nixl.recycle import release_old
 from vua_nixl.safeio import open_regular
 from vua_nixl.store.reader import quarantine, retry_each
 
@@ -235,6 +236,7 @@ def gc_temporaries(root: str | os.PathLike[str], max_age_s: float = 3600.0, now:
     name) and its pid gone. Writers on other hosts or in other containers are left alone until
     the age limit, so gc is safe on a shared mount and between containers sharing a host name.
     Names that are not ours are never judged by pid (skipped and counted), only by age.
+    Recycle-pool files pooled more than ``max_age_s`` ago are released too.
     """
     paths = StorePaths(root)
     now = time.time() if now is None else now
@@ -255,4 +257,5 @@ def gc_temporaries(root: str | os.PathLike[str], max_age_s: float = 3600.0, now:
                 nbytes += st.st_size
             except FileNotFoundError:
                 pass
-    return removed, nbytes
+    pooled, pooled_bytes = release_old(paths, max_age_s, now)  # recycle-pool files past the same age
+    return removed + pooled, nbytes + pooled_bytes

@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, TypeVar, Union
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vua_nixl.errors import InvalidInputError
@@ -68,7 +68,10 @@ class TypedConfig(BaseSettings):
 def describe_validation(model: type[BaseSettings], exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        name = ".".join(str(x) for x in err.get("loc", ())) or "?"
+        name = ".".join(str(x) for x in err.get("loc", ()))
+        if not name:  # a rule across fields: its message names them
+            parts.append(str(err.get("msg")).removeprefix("Value error, "))
+            continue
         env = env_var(model, name) if name in model.model_fields else name
         parts.append(f"{name} (env {env}): {err.get('msg')}; got {err.get('input')!r}")
     return f"invalid {model.__name__}: " + "; ".join(parts)
@@ -112,6 +115,14 @@ class StoreConfig(TypedConfig):
     tmp_max_age_s: float = Field(default=3600.0, ge=0, description="age after which gc removes temp files")
     max_bytes: Optional[int] = Field(default=None, gt=0, description="capacity limit for the store root (e.g. 500G)")
     eviction: EvictionPolicy = Field(default="lru", description="policy used when over max_bytes")
+    recycle_pool_mib: int = Field(
+        default=0, ge=0, description="evicted block files kept (up to this many MiB, counted against max_bytes) for later "
+        "puts to overwrite instead of creating new files: overwriting allocated blocks writes faster, above all with "
+        "O_DIRECT (docs/BENCHMARKS.md). 0: eviction unlinks")
+    recycle_after_s: float = Field(
+        default=300.0, gt=0, description="a pooled block file is overwritten only this long after its eviction, so any "
+        "reader that opened it before has finished; must exceed transfer_timeout_s, and be the same on every host of "
+        "the root")
     max_age_s: Optional[float] = Field(default=None, gt=0, description="TTL since last access (ttl policy, gc)")
     access_log: bool = Field(default=True, description="record hits in the shared access log")
     transfer_timeout_s: float = Field(default=120.0, gt=0, description="a storage transfer not done by then is an error")
@@ -127,6 +138,14 @@ class StoreConfig(TypedConfig):
     lease_margin_s: float = Field(default=5.0, ge=0, description="root lease: broken after lease_s + this, unrenewed")
     lease_wait_s: float = Field(default=300.0, gt=0, description="root lease: give up acquiring after this long")
     ledger_rescan_s: float = Field(default=30.0, gt=0, description="a guard rescans the root at least this often")
+
+    @model_validator(mode="after")
+    def _recycle_after_reads(self) -> "StoreConfig":
+        if self.recycle_after_s <= self.transfer_timeout_s:
+            raise ValueError(f"recycle_after_s ({self.recycle_after_s:g} s, env VUA_NIXL_RECYCLE_AFTER_S) must exceed "
+                             f"transfer_timeout_s ({self.transfer_timeout_s:g} s, env VUA_NIXL_TRANSFER_TIMEOUT_S): a reader "
+                             "still inside its deadline could see a recycled file rewritten under it")
+        return self
 
     @field_validator("root", mode="after")
     @classmethod

@@ -5,6 +5,8 @@
     <root>/ns/<fingerprint>/<k0k1>/<k2k3>/<key>.kvb   one block per chunk key (hex)
     <root>/tmp/<key>.<host>.<pid>.<ns>-<random>.tmp  in-flight writes; never read, removed by `gc`
     <root>/quarantine/<key>.<time>.kvb          blocks that failed validation, kept for inspection
+    <root>/pool/<file bytes>/<host>.<pid>.<ns>-<random>.pool   evicted blocks kept for puts to
+                                                overwrite (``recycle_pool_mib``; vua_nixl.recycle)
 
 Two hex levels of fan-out give 65,536 leaf directories: 10 million chunks is ~150 files each.
 Temporaries live in one directory on the same file system so publish is one rename and `gc`
@@ -50,6 +52,7 @@ class StorePaths:
         self.ns_root = self.root / "ns"
         self.tmp = self.root / "tmp"
         self.quarantine = self.root / "quarantine"
+        self.pool = self.root / "pool"
 
     def ns_dir(self, fp_hex: str) -> Path:
         return self.ns_root / fp_hex

@@ -83,6 +83,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     s.add_argument("--raw-new-files", action="store_true",
                    help="WRITE configs: add a raw-newfile row (each block written to a new file, as the store "
                         "does) to separate file-system allocation cost from store overhead")
+    s.add_argument("--recycle", action="store_true",
+                   help="WRITE: store puts after the first round overwrite the previous round's evicted block files "
+                        "(a recycle pool, as a store at capacity has), not new ones; eviction and the pool's aging "
+                        "are outside the timed region")
     s.add_argument("--drop-cache", action="store_true", help="fadvise(DONTNEED) the raw file after pre-filling it")
     s.add_argument("--keep-files", action="store_true", help="leave test files and store roots in place")
     s.add_argument("--quiet", action="store_true", help="no table on stdout (files are still written)")
@@ -220,7 +224,7 @@ def cmd_bench_storage(args: argparse.Namespace) -> int:
         result = run_storage_bench(
             cfg, opts, raw=not args.no_raw, store=not args.no_store, nixlbench=nb,
             layout_mode=args.layout, chunk_tokens=args.chunk_tokens, verify_checksums=not args.no_checksum,
-            repeat=args.repeat, raw_new_files=args.raw_new_files, model=model, tp=tp,
+            repeat=args.repeat, raw_new_files=args.raw_new_files, model=model, tp=tp, recycle=args.recycle,
         )
     except BackendUnavailable as exc:
         err.print(f"[red]backend unavailable:[/red] {exc}")

@@ -166,6 +166,7 @@ def run_storage_bench(
     raw_new_files: bool = False,
     model: Any = None,
     tp: int = 1,
+    recycle: bool = False,
 ) -> StorageBenchResult:
     """Run the config's matrix through raw NIXL and the store (and nixlbench if available).
 
@@ -186,7 +187,7 @@ def run_storage_bench(
         backend = "POSIX"
         cfg.update({"posix_api_type": opts.fallback_posix_api})
         opts.notes.append(f"FALLBACK: {cfg.backend} unavailable; store runs POSIX/{opts.fallback_posix_api}")
-    storeb = StoreBench(cfg, opts, backend, layout_mode, chunk_tokens, verify_checksums, model, tp) if store else None
+    storeb = StoreBench(cfg, opts, backend, layout_mode, chunk_tokens, verify_checksums, model, tp, recycle) if store else None
     binary: Optional[str] = None
     if nixlbench:
         binary = shutil.which("nixlbench") if nixlbench == "auto" else (shutil.which(nixlbench) or nixlbench)
@@ -248,6 +249,7 @@ def run_storage_bench(
         "notes": list(opts.notes),
         "store_layout": f"{model.name} (tp={tp})" if model is not None else layout_mode,
         "store_verify_checksums": verify_checksums,
+        "store_recycle": recycle,
         "repeat": repeat,
         "raw_new_files": raw_new_files,
         "started_utc": started.isoformat(timespec="seconds"),

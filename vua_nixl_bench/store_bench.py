@@ -120,8 +120,10 @@ class StoreBench:
     """Runs matrix points through a fresh KVStore per point, under ``opts.directory``."""
 
     def __init__(self, cfg: NixlbenchConfig, opts: RunOptions, backend: str, layout_mode: str = "model",
-                 chunk_tokens: int = 256, verify_checksums: bool = True, model: Any = None, tp: int = 1):
+                 chunk_tokens: int = 256, verify_checksums: bool = True, model: Any = None, tp: int = 1,
+                 recycle: bool = False):
         self.cfg = cfg
+        self.recycle = recycle and cfg.op == "WRITE"
         self.model, self.tp = model, tp  # a ModelShape: its real layout wherever a block is its chunk
         self.opts = opts
         self.backend = backend
@@ -248,8 +250,12 @@ class StoreBench:
                     if i >= warmup:
                         lat.append(dt * 1e6)
                         total_s += dt
+                    if self.recycle and i + 1 < rounds:
+                        self._evict_into_pool(store, root)
                 if store.stats()["chunks_written"] < rounds * self.threads * batch:
                     raise RuntimeError("store skipped chunks it should have written")
+                if self.recycle and store.stats()["chunks_recycled"] < (rounds - 1) * self.threads * batch:
+                    raise RuntimeError(f"only {store.stats()['chunks_recycled']} chunks went into recycled files")
                 outs = [buffer() for _ in range(self.threads)]
                 res = store.get_many([r for r, _ in last], outs=outs, device=self.device)
             else:
@@ -280,7 +286,8 @@ class StoreBench:
                 shutil.rmtree(root, ignore_errors=True)
         total_bytes = block * batch * per_thread_iters * self.threads
         note = f"layout L={shape.num_layers} H={shape.kv_heads} D={shape.head_dim} {shape.dtype} " \
-               f"chunk_tokens={shape.chunk_tokens}" + ("" if self.verify_checksums else " no-checksum")
+               f"chunk_tokens={shape.chunk_tokens}" + ("" if self.verify_checksums else " no-checksum") \
+               + (" recycled-files" if self.recycle else "")
         return BenchRow(
             path="store", op=self.op, backend=f"{actual_backend}" + (f"/{engine}" if engine else ""),
             direct=self.direct, block_size=block, batch_size=batch, bw_gbps=total_bytes / 1e9 / total_s,
@@ -288,6 +295,16 @@ class StoreBench:
             threads=self.threads, iterations=per_thread_iters, total_bytes=total_bytes, total_s=total_s,
             verified=verified, verify_detail=detail, note=note,
         )
+
+    @staticmethod
+    def _evict_into_pool(store: Any, root: Path) -> None:
+        """Untimed, between rounds: evict every block of the point's root into its recycle pool,
+        as the pruner of a store at capacity does, and age the pool past ``recycle_after_s``
+        (the store's clock for it runs ahead instead of the bench sleeping)."""
+        from vua_nixl.lifecycle import Pruner
+
+        Pruner(root, max_age_s=1.0, recycle_pool_bytes=1 << 60).run_once(now=time.time() + 1e6)
+        store._writer._pool.clock = lambda: time.time() + 1e6
 
     def _room_for(self, nbytes: int) -> bool:
         """Whether ``nbytes`` of fresh block files fit in half the free space under the directory."""

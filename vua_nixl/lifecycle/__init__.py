@@ -50,7 +50,8 @@ class Lifecycle:
     """One root's lifecycle services for a worker: observers for its stores plus a pruner.
 
     Every setting not passed explicitly comes from the store config (``max_bytes``,
-    ``eviction``, ``max_age_s``, ``tmp_max_age_s``, ``low_water``, ``prune_period_s``; env
+    ``eviction``, ``max_age_s``, ``tmp_max_age_s``, ``low_water``, ``prune_period_s``,
+    ``recycle_pool_mib``; env
     ``VUA_NIXL_MAX_BYTES`` etc.), so a worker configured by environment needs no code changes.
     """
 
@@ -79,6 +80,7 @@ class Lifecycle:
             policy=policy or cfg.eviction,
             max_age_s=max_age_s if max_age_s is not None else cfg.max_age_s,
             tmp_max_age_s=cfg.tmp_max_age_s,
+            recycle_pool_bytes=cfg.recycle_pool_mib << 20,
             low_water=cfg.low_water,
             lease_s=cfg.lease_s,
             lease_margin_s=cfg.lease_margin_s,

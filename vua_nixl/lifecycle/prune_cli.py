@@ -23,7 +23,7 @@ __all__ = ["parse_size", "add_limit_args", "run_prune", "register", "LIMIT_FLAGS
 
 #: Config fields the limit flags set, and their historical flag names.
 LIMIT_FLAGS = {"max_bytes": "--max-bytes", "max_age_s": "--max-age", "eviction": "--policy",
-               "low_water": "--low-water", "tmp_max_age_s": "--tmp-max-age"}
+               "low_water": "--low-water", "tmp_max_age_s": "--tmp-max-age", "recycle_pool_mib": "--recycle-pool-mib"}
 
 
 def add_limit_args(p: argparse.ArgumentParser) -> None:
@@ -51,10 +51,11 @@ def run_prune(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     if cfg.eviction == "ttl" and cfg.max_age_s is None:
         raise InvalidInputError("--policy ttl needs --max-age (or VUA_NIXL_MAX_AGE_S)")
     pruner = Pruner(cfg.root, max_bytes=cfg.max_bytes, policy=cfg.eviction, max_age_s=cfg.max_age_s,
-                    low_water=cfg.low_water, tmp_max_age_s=cfg.tmp_max_age_s)
+                    low_water=cfg.low_water, tmp_max_age_s=cfg.tmp_max_age_s, recycle_pool_bytes=cfg.recycle_pool_mib << 20)
     rep = pruner.run_once()
     return {"root": os.fspath(cfg.root), "max_bytes": cfg.max_bytes, "max_age_s": cfg.max_age_s,
-            "policy": cfg.eviction, "tmp_max_age_s": cfg.tmp_max_age_s, **rep.as_dict()}
+            "policy": cfg.eviction, "tmp_max_age_s": cfg.tmp_max_age_s, "recycle_pool_bytes": pruner.recycle_pool_bytes,
+            **rep.as_dict()}
 
 
 def register(sub: Any) -> None:

@@ -12,7 +12,10 @@ Rules the pruner follows (docs/LIFECYCLE.md has the full argument):
 * **Readers are never broken.** Eviction is ``unlink``: a reader that already opened a block
   keeps reading the old inode to the end (POSIX semantics, also on NFS via silly-rename), and
   a reader that opens later gets ENOENT, which the store turns into a shorter prefix or a clean
-  miss. Nothing is ever truncated or rewritten in place.
+  miss. Nothing is ever truncated. With a recycle pool (``recycle_pool_bytes``) eviction is a
+  rename into ``<root>/pool/`` instead, and the file is rewritten only after every reader's
+  deadline has passed (:mod:`vua_nixl.recycle`); the pool's size is kept free below
+  ``max_bytes``, so pooling never overshoots the limit.
 * **One pruner at a time per root.** Compaction and eviction run under ``flock`` on
   ``<root>/access/prune.lock``, so two workers over the limit do not both evict.
 * **Bounded overshoot.** The root limit is checked and reserved atomically against a usage
@@ -37,6 +40,7 @@ from vua_nixl.lifecycle.accesslog import EVICTED, shared_log
 from vua_nixl.lifecycle.index import LEASE_MARGIN_S, LEASE_S, LEASE_WAIT_S, AccessIndex, RootLock, read_ledger, root_lock, write_ledger
 from vua_nixl.lifecycle.policies import EvictionPolicy, Policy, make_policy
 from vua_nixl.paths import BLOCK_SUFFIX, StorePaths, note_odd_name
+from vua_nixl.recycle import give, pool_bytes, pool_files
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +84,8 @@ class PruneReport:
     per_namespace: dict[str, int] = field(default_factory=dict)
     usage_after: int = 0
     usage_after_ns: dict[str, int] = field(default_factory=dict)
-    inflight_bytes: int = 0
+    inflight_bytes: int = 0  # temporaries and the recycle pool, after this round
+    recycled_chunks: int = 0  # evicted blocks moved into the recycle pool (also in evicted_chunks)
     temporaries_removed: int = 0
     records_folded: int = 0
     seconds: float = 0.0
@@ -136,7 +141,8 @@ RESERVE_KEY = "reserve"
 
 
 def inflight_bytes(root: str | os.PathLike[str], max_reservation: Optional[int] = None) -> int:
-    """Bytes held by temporaries: puts in flight (preallocated to full size) or left by crashes.
+    """Bytes held by temporaries (puts in flight, preallocated to full size, or left by crashes)
+    and by the recycle pool.
 
     Counting them against the root limit makes other processes' writes visible *before* they
     publish, which shrinks the overshoot window to the time between a put's capacity check and
@@ -158,7 +164,7 @@ def inflight_bytes(root: str | os.PathLike[str], max_reservation: Optional[int] 
             total += n
         else:  # a guarded put's own reservation covers it where no blocks are reported
             total += st.st_blocks * 512
-    return total
+    return total + sum(st.st_blocks * 512 for _, st in pool_files(StorePaths(root)))
 
 
 def fingerprints_of(namespaces: Iterable[Any], chunk_tokens: int) -> set[str]:
@@ -268,7 +274,12 @@ class Pruner:
         lease_s: float = LEASE_S,
         lease_margin_s: float = LEASE_MARGIN_S,
         lease_wait_s: float = LEASE_WAIT_S,
+        recycle_pool_bytes: int = 0,
     ):
+        if recycle_pool_bytes < 0 or (max_bytes is not None and recycle_pool_bytes > max_bytes // 2):
+            raise InvalidInputError(f"recycle pool of {recycle_pool_bytes} bytes (recycle_pool_mib) must be between 0 and half "
+                                    f"of max_bytes ({max_bytes}): the pool's room is kept free below the limit")
+        self.recycle_pool_bytes = recycle_pool_bytes
         self.eviction_policy = make_policy(policy, max_age_s)
         if not 0.0 < low_water <= 1.0:
             raise InvalidInputError("low_water must be in (0, 1]")
@@ -321,6 +332,9 @@ class Pruner:
         # or the other (or both), never in neither. No put can reserve while we hold the lock,
         # and a put drops its reservation file only after its blocks are published.
         rep.inflight_bytes = inflight_bytes(self.root, self.max_bytes)
+        # Room the pool may still fill from this round's victims: treated as used, so moving
+        # victims there instead of unlinking them never ends the round above a limit.
+        pool_room = max(0, self.recycle_pool_bytes - pool_bytes(self.paths)) if self.recycle_pool_bytes else 0
         idx = AccessIndex.load(self.root)
         rep.records_folded = idx.fold_logs(self.root, consume=True, idle_s=self.log_idle_s)
         blocks = scan_blocks(self.root)
@@ -353,14 +367,14 @@ class Pruner:
             if sum(usage_ns[f] for f in fps) + extra > limit:
                 evict_down_to(order, victims, usage_ns, fps, max(0, int(limit * self.low_water) - extra), "group")
         if self.max_bytes is not None:
-            if sum(usage_ns.values()) + rep.inflight_bytes + need_bytes > self.max_bytes:
+            if sum(usage_ns.values()) + rep.inflight_bytes + pool_room + need_bytes > self.max_bytes:
                 evict_down_to(order, victims, usage_ns, None, max(0, int(self.max_bytes * self.low_water) - need_bytes),
-                              "capacity", extra_used=rep.inflight_bytes)
+                              "capacity", extra_used=rep.inflight_bytes + pool_room)
 
         if not lock.valid():  # paused past the lease: another host may be pruning; act on nothing
             log.warning("root lease of %s lost during a pruning scan; this round evicts nothing", self.root)
             victims = {}
-        self._evict(order, victims, rep)
+        self._evict(order, victims, rep, pool_room)
         self._prune_index(idx, blocks, victims)
         idx.save(self.root)
         rep.usage_after_ns = {fp: n for fp, n in usage_ns.items() if n > 0}
@@ -407,7 +421,7 @@ class Pruner:
             b.hits = int(e[1])
             b.parent = e[2]
 
-    def _evict(self, order: list[Block], victims: dict[bytes, tuple[Block, str]], rep: PruneReport) -> None:
+    def _evict(self, order: list[Block], victims: dict[bytes, tuple[Block, str]], rep: PruneReport, pool_room: int = 0) -> None:
         if not victims:
             return
         chosen = [b for b in order if b.key in victims]  # leaves first
@@ -426,7 +440,12 @@ class Pruner:
         for b in chosen:
             reason = victims[b.key][1]
             try:
-                os.unlink(b.path)
+                if reason != "corrupt" and b.size <= pool_room and give(self.paths, b.path):
+                    pool_room -= b.size
+                    rep.recycled_chunks += 1
+                    rep.inflight_bytes += b.size
+                else:
+                    os.unlink(b.path)
             except FileNotFoundError:
                 continue  # removed by someone else meanwhile
             except OSError as exc:
@@ -459,6 +478,7 @@ class Pruner:
         t.scanned_chunks, t.scanned_bytes, t.usage_after = rep.scanned_chunks, rep.scanned_bytes, rep.usage_after
         t.evicted_chunks += rep.evicted_chunks
         t.evicted_bytes += rep.evicted_bytes
+        t.recycled_chunks += rep.recycled_chunks
         t.records_folded += rep.records_folded
         t.seconds += rep.seconds
         for k, v in rep.reasons.items():

@@ -34,6 +34,7 @@ class StoreStats:
     puts: int = 0
     chunks_written: int = 0
     chunks_skipped: int = 0
+    chunks_recycled: int = 0  # written into evicted block files claimed from the recycle pool
     bytes_written: int = 0
     gets: int = 0
     hits: int = 0

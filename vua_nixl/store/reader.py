@@ -50,6 +50,16 @@ _NEWER = "newer: "
 _CALLER = "caller: "
 _UNREADABLE = "unreadable: "  # the transfer failed: the prefix ends, nothing is blamed
 _PAYLOAD_MISMATCH = "mismatch"  # payload checksum or MAC: the bytes read, not the header
+_MOVED = "moved: "  # the name no longer names the inode read (evicted, recycled): a miss
+
+
+def _still_named(path: str, fd: int) -> bool:
+    """Whether ``path`` still names the inode open as ``fd``."""
+    try:
+        a, b = os.fstat(fd), os.lstat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def quarantine(paths: StorePaths, path: str, fd: Optional[int] = None, expect: Optional[tuple[int, int]] = None) -> bool:
@@ -371,8 +381,17 @@ class BlockReader:
 
     def _apply_checks(self, jobs: list[Job], reasons: list[Optional[str]], private: bool = False) -> None:
         """Cut each plan at its first invalid chunk and quarantine that file (``private``: the
-        chunks were verified in the store's own memory, so a mismatch is the file's)."""
+        chunks were verified in the store's own memory, so a mismatch is the file's).
+
+        A file whose name no longer names the inode that was read was evicted (or replaced)
+        meanwhile: a miss, never blamed. With nothing hashed (``verify_checksums`` off, no
+        tenant MAC) that is checked for every chunk, since a recycled file could have been
+        rewritten under a reader stalled past ``recycle_after_s``."""
+        core = self.core
+        unhashed = not core.config.verify_checksums and not core.chain.sealed
         for (plan, ci), reason in zip(jobs, reasons):
+            if ci < plan.n and (reason is not None or unhashed) and not _still_named(plan.paths[ci], plan.fds[ci]):
+                reason = _MOVED
             if reason is not None and ci < plan.n and plan.user_out and not private and _PAYLOAD_MISMATCH in reason:
                 # The caller's buffer may be what is wrong (written to concurrently, aliased): read
                 # the chunk again into memory of our own before blaming a shared file.
@@ -384,6 +403,8 @@ class BlockReader:
                     log.warning("read of %s failed: %s; prefix ends at chunk %d", plan.paths[ci], reason[len(_UNREADABLE):], ci)
                 elif reason.startswith(_CALLER):
                     pass  # the file is good; only this load stops here
+                elif reason == _MOVED:
+                    log.info("block %s was evicted or replaced while it was read; prefix ends at chunk %d", plan.paths[ci], ci)
                 else:
                     self.quarantine(plan.paths[ci], reason, fd=plan.fds[ci])
                 plan.n = ci

@@ -1,5 +1,9 @@
 """The write/publish path: unique temporary, preallocate, one NIXL write, fsync, rename.
 
+The temporary is an evicted block file claimed from the recycle pool where one is old enough
+(vua_nixl.recycle: overwriting allocated blocks is faster than allocating new ones), else a
+new, preallocated file.
+
 Small block files (``StoreConfig.stage_max_kib``) are staged: each lane gathers its chunks into
 a registered slab as whole files and writes each with one descriptor. Larger ones are written
 segment by segment straight from the KV.
@@ -31,6 +35,7 @@ from vua_nixl.agent import NixlAgent
 from vua_nixl.errors import StoreRootError, VuaNixlError
 from vua_nixl.format import ExpectedBlock, encode_header
 from vua_nixl.kvlayout import token_dim
+from vua_nixl.recycle import RecyclePool
 from vua_nixl.safeio import checked_dir
 from vua_nixl.store import planning
 from vua_nixl.store.core import StoreCore, describe_oserror, on_device
@@ -49,6 +54,7 @@ class BlockWriter:
         self._checked: set[str] = set()  # fan-out directories verified to be inside the root
         self._hasher: Optional[ThreadPoolExecutor] = None
         self._slabs = planning.LaneSlabs()  # staged writes
+        self._pool = RecyclePool(core.paths, core.config.recycle_after_s)  # evicted files to overwrite
 
     def close(self) -> None:
         if self._hasher is not None:
@@ -93,16 +99,21 @@ class BlockWriter:
         regs: list[Optional[tuple[int, int, str]]] = []
         chunks: list[StoredChunk] = []
         # Read-write, not write-only: cuFile may read-modify-write a partial 4 KiB block.
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | (_O_DIRECT if core.direct else 0)
+        flags = os.O_RDWR | (_O_DIRECT if core.direct else 0)
         try:
             with arena.lock:
-                for key, (pi, ci) in jobs:
-                    plan = plans[pi]
-                    tmp = core.paths.tmp_file(key.hex())
-                    fd = os.open(tmp, flags, core.config.file_mode)
+                names = [core.paths.tmp_file(key.hex()) for key, _ in jobs]
+                fds = self._pool.claim(geo.file_bytes, names, flags, plain=core.agent.plain_fds_only)
+                temps = names[: len(fds)]
+                if fds:
+                    core.bump(chunks_recycled=len(fds))
+                for tmp in names[len(fds):]:
+                    fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, core.config.file_mode)
                     temps.append(tmp)
                     fds.append(fd)
                     _preallocate(fd, geo.file_bytes)
+                for key, (pi, ci) in jobs:
+                    plan = plans[pi]
                     chunks.append(StoredChunk(ci, key, core.parent_of(plan.keys, ci), plan.tokens[ci * c : (ci + 1) * c],
                                               geo.file_bytes, core.block_path(key)))
                 mem_type = core.agent.mem_type_of(next(iter(host_mem.values())))

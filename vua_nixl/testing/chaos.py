@@ -46,6 +46,8 @@ from vua_nixl.audit import check_block_bytes, gc_temporaries
 from vua_nixl.errors import CapacityError, StoreRootError, TransferError
 from vua_nixl.keys import KVLayout, Namespace
 from vua_nixl.lifecycle.pruner import scan_blocks
+from vua_nixl.paths import StorePaths
+from vua_nixl.recycle import pool_bytes, pool_files
 from vua_nixl.store.observers import StoreObserver
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,10 @@ class ChaosConfig:
     client_roots: list[str] = field(default_factory=list)
     lease_s: float = 2.0
     lease_margin_s: float = 1.0
+    #: Recycle pool of every worker's pruner (0: eviction unlinks), and how long a pooled file
+    #: rests before a put overwrites it (the workers' transfer deadline is set just below it).
+    recycle_pool_bytes: int = 0
+    recycle_after_s: float = 1.0
 
 
 @dataclass
@@ -139,6 +145,7 @@ class ChaosReport:
     temporaries_left: int = 0
     max_bytes: int = 0
     max_usage: int = 0
+    pool_files_left: int = 0  # recycle-pool files at the end (released by the audit's gc)
     max_overshoot: int = 0
     final_usage: int = 0
     lost_keys: list[str] = field(default_factory=list)
@@ -213,8 +220,11 @@ def worker_main(wid: int, cfg: ChaosConfig, stop_at: Any, ready: Any) -> None:
     lc = Lifecycle(root, max_bytes=cfg.max_bytes, metrics=False, refresh_s=cfg.refresh_s,
                    prune_period_s=cfg.prune_period_s)
     lc.pruner.on_evict.insert(0, lambda fp, keys: j.write("E " + " ".join(k.hex() for k in keys)))
-    store = KVStore(root, namespace(), chunk_tokens=CHUNK, backend="POSIX",
-                    presence_ttl_s=cfg.presence_ttl_s, observers=[_JournalObserver(j), *lc.observers()])
+    lc.pruner.recycle_pool_bytes = cfg.recycle_pool_bytes
+    recycling = {"recycle_after_s": cfg.recycle_after_s, "transfer_timeout_s": cfg.recycle_after_s * 0.9} \
+        if cfg.recycle_pool_bytes else {}
+    store = KVStore(root, namespace(), chunk_tokens=CHUNK, backend="POSIX", presence_ttl_s=cfg.presence_ttl_s,
+                    observers=[_JournalObserver(j), *lc.observers()], **recycling)
     if cfg.prune_period_s and wid % 2 == 0:
         lc.start()  # half the workers also run the background pruner thread (journaled above)
 
@@ -235,8 +245,11 @@ def worker_main(wid: int, cfg: ChaosConfig, stop_at: Any, ready: Any) -> None:
         if op == "put":
             toks = sequence(rng, cfg.families)
             keys = store.keys_for(toks)
+            recycled = store.stats()["chunks_recycled"]
             try:
                 store.put(toks, expected_kv(keys))
+                if store.stats()["chunks_recycled"] > recycled:
+                    outcome = "recycled"  # into evicted files from the recycle pool
             except StoreRootError as exc:
                 outcome = "enospc" if "no space" in str(exc) else "error"
             except TransferError:
@@ -376,8 +389,8 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
 
     def sample() -> None:
         while not done.is_set():
-            try:
-                usage = sum(b.size for b in scan_blocks(view))
+            try:  # blocks, and the recycle pool: it counts against the limit too
+                usage = sum(b.size for b in scan_blocks(view)) + pool_bytes(StorePaths(view))
             except OSError:
                 usage = 0
             rep.max_usage = max(rep.max_usage, usage)
@@ -421,7 +434,8 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
 
 
 def _audit(cfg: ChaosConfig, rep: ChaosReport) -> None:
-    rep.temporaries_left, _ = gc_temporaries(cfg.root, max_age_s=0.0)
+    rep.pool_files_left = sum(1 for _ in pool_files(StorePaths(cfg.root)))
+    rep.temporaries_left = gc_temporaries(cfg.root, max_age_s=0.0)[0] - rep.pool_files_left
     jr = _read_journals(cfg.journal_dir)
     rep.ops = dict(jr["ops"])
     rep.outcomes = dict(jr["outcomes"])
@@ -487,6 +501,7 @@ def render(rep: ChaosReport, console: Any = None) -> None:
         ("quarantined without a planted fault", str(rep.quarantined_unplanted), "0"),
         ("planted faults still on disk", str(rep.planted_still_on_disk), ""),
         ("temporaries left by killed writers", str(rep.temporaries_left), ""),
+        ("recycle-pool files at the end", str(rep.pool_files_left), ""),
         ("max_bytes", str(rep.max_bytes), ""),
         ("max sampled usage", str(rep.max_usage), ""),
         ("capacity overshoot", f"{rep.max_overshoot} B ({100 * rep.max_overshoot / max(rep.max_bytes, 1):.1f}%)", "bounded"),
