@@ -221,7 +221,7 @@ def worker_main(wid: int, cfg: ChaosConfig, stop_at: Any, ready: Any) -> None:
                    prune_period_s=cfg.prune_period_s)
     lc.pruner.on_evict.insert(0, lambda fp, keys: j.write("E " + " ".join(k.hex() for k in keys)))
     lc.pruner.recycle_pool_bytes = cfg.recycle_pool_bytes
-    recycling = {"recycle_after_s": cfg.recycle_after_s, "transfer_timeout_s": cfg.recycle_after_s * 0.9} \
+    recycling: dict[str, Any] = {"recycle_after_s": cfg.recycle_after_s, "transfer_timeout_s": cfg.recycle_after_s * 0.9} \
         if cfg.recycle_pool_bytes else {}
     store = KVStore(root, namespace(), chunk_tokens=CHUNK, backend="POSIX", presence_ttl_s=cfg.presence_ttl_s,
                     observers=[_JournalObserver(j), *lc.observers()], **recycling)
