@@ -291,7 +291,8 @@ def drop_page_cache(*dirs: Path) -> int:
 # The comparison (main venv)
 # ---------------------------------------------------------------------------------------------
 
-def bench_model(model: str, kind: str, worker: Worker, base: Path, total_mib: int, repeat: int) -> dict[str, Any]:
+def bench_model(model: str, kind: str, worker: Worker, base: Path, total_mib: int, repeat: int,
+                recycle: bool = False) -> dict[str, Any]:
     from vua_nixl import KVLayout, KVStore, Namespace
     from vua_nixl.agent import aligned_empty
     from vua_nixl_bench.plan import PRESETS
@@ -321,6 +322,8 @@ def bench_model(model: str, kind: str, worker: Worker, base: Path, total_mib: in
     times: dict[str, list[float]] = {k: [] for k in ("vua_put", "lmc_put", "vua_get_out_warm", "vua_get_warm", "lmc_get_warm",
                                                       "vua_get_out_cold", "vua_get_cold", "lmc_get_cold",
                                                       "vua_nocsum_get_out_warm", "vua_nocsum_get_out_cold")}
+    if recycle:
+        times["vua_put_recycled"] = []
     with KVStore(vdir, ns, chunk_tokens=T, backend="POSIX", access_log=False) as store, \
             KVStore(vdir, ns, chunk_tokens=T, backend="POSIX", access_log=False, verify_checksums=False) as nocsum:
         assert store.config.verify_checksums  # the compared configuration; ``nocsum`` only explains the gap
@@ -333,16 +336,34 @@ def bench_model(model: str, kind: str, worker: Worker, base: Path, total_mib: in
         def lput(rnd: int) -> None:
             times["lmc_put"].append(worker.call(op="put", round=rnd)["s"])
 
+        def vput_recycled(rnd: int) -> None:
+            """Round ``rnd``'s files evicted into the recycle pool (untimed, aged by the pool's
+            clock), then a put of new keys into them, as in a store at capacity."""
+            from vua_nixl.recycle import give
+
+            for k in store.keys_for(toks(rnd)):
+                assert give(store.paths, store.block_path(k))
+            store._writer._pool.clock = lambda: time.time() + 1e6
+            before = store.stats()["chunks_recycled"]
+            t0 = now()
+            assert store.put(toks(rnd + 1000), kv) == n * T
+            times["vua_put_recycled"].append(now() - t0)
+            assert store.stats()["chunks_recycled"] - before == n, "the recycled put made new files"
+            store.delete(toks(rnd + 1000))
+
         # --- puts: new keys every round, interleaved, order alternating; deleted afterwards --
         for r in range(1, repeat + 2):
             order: list[Callable[[int], None]] = [vput, lput] if r % 2 else [lput, vput]
             for fn in order:
                 fn(r)
-            store.delete(toks(r))
+            if recycle:
+                vput_recycled(r)
+            else:
+                store.delete(toks(r))
             worker.call(op="remove", round=r)
             if r == 1:  # warm-up round (first registrations, directory creation, allocator)
-                times["vua_put"].clear()
-                times["lmc_put"].clear()
+                for k in ("vua_put", "lmc_put", "vua_put_recycled"):
+                    times.get(k, []).clear()
         # --- the set both systems read back -------------------------------------------------
         vput(0)
         lput(0)
@@ -400,6 +421,8 @@ def bench_model(model: str, kind: str, worker: Worker, base: Path, total_mib: in
     res["gbs"] = {k: nbytes / v / 1e9 for k, v in med.items()}
     g = res["gbs"]
     res["ratio"] = {"put": g["vua_put"] / g["lmc_put"]}
+    if recycle:
+        res["ratio"]["put_recycled"] = g["vua_put_recycled"] / g["lmc_put"]
     for c in ("warm", "cold"):
         res["ratio"][f"get_out_{c}"] = g[f"vua_get_out_{c}"] / g[f"lmc_get_{c}"]
         res["ratio"][f"get_{c}"] = g[f"vua_get_{c}"] / g[f"lmc_get_{c}"]
@@ -413,8 +436,13 @@ def table(rows: list[dict[str, Any]]) -> str:
             "| cold get GB/s vua out= / vua() / LMC | **cold ratio** out= / () "
             "| checksums off: get(out=)/LMC warm, cold |")
     lines = [head, "|" + "---|" * 9]
+    recycled = any("put_recycled" in r["ratio"] for r in rows)
+    if recycled:
+        lines[0] += " recycled put GB/s | **recycled put ratio** |"
+        lines[1] += "---|---|"
     for r in rows:
         g, q = r["gbs"], r["ratio"]
+        tail = f" {g['vua_put_recycled']:.2f} | **{q['put_recycled']:.2f}** |" if recycled else ""
         lines.append(
             f"| {r['model']} ({r['chunk_bytes'] / 2**20:.1f} MiB x {r['chunks']}) | {r['lmcache_backend']} "
             f"| {g['vua_put']:.2f} / {g['lmc_put']:.2f} | **{q['put']:.2f}** "
@@ -422,7 +450,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| **{q['get_out_warm']:.2f} / {q['get_warm']:.2f}** "
             f"| {g['vua_get_out_cold']:.2f} / {g['vua_get_cold']:.2f} / {g['lmc_get_cold']:.2f} "
             f"| **{q['get_out_cold']:.2f} / {q['get_cold']:.2f}** "
-            f"| {q['nocsum_get_out_warm']:.2f}, {q['nocsum_get_out_cold']:.2f} |")
+            f"| {q['nocsum_get_out_warm']:.2f}, {q['nocsum_get_out_cold']:.2f} |" + tail)
     return "\n".join(lines)
 
 
@@ -458,6 +486,9 @@ def main() -> int:
     ap.add_argument("--venv", type=Path, default=REPO / ".venv-lmcache")
     ap.add_argument("--dir", type=Path, default=None, help="where both stores' files go (default: under --out)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "peers")
+    ap.add_argument("--recycle", action="store_true",
+                    help="also time vua-nixl puts into recycled block files (the previous round's, evicted into the "
+                         "recycle pool), as in a store at capacity; LMCache's NIXL backend overwrites its file pool too")
     ap.add_argument("--lmcache-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.lmcache_worker:
@@ -473,7 +504,7 @@ def main() -> int:
             for model in args.models:
                 worker = Worker(py, args.out / f"lmcache-{kind}-worker.log")
                 try:
-                    r = bench_model(model, kind, worker, base, args.total_mib, args.repeat)
+                    r = bench_model(model, kind, worker, base, args.total_mib, args.repeat, args.recycle)
                 except RuntimeError as exc:
                     failures.append(f"{kind}/{model}: {exc}")
                     print(f"LMCache {kind} {model}: FAILED: {exc}", file=sys.stderr, flush=True)
@@ -482,7 +513,8 @@ def main() -> int:
                     worker.close()
                 rows.append(r)
                 q = r["ratio"]
-                print(f"{kind:4s} {model:14s} put {q['put']:.2f}x  warm get(out=) {q['get_out_warm']:.2f}x get() "
+                print(f"{kind:4s} {model:14s} put {q['put']:.2f}x  " + (f"recycled put {q['put_recycled']:.2f}x  " if args.recycle else "")
+                      + f"warm get(out=) {q['get_out_warm']:.2f}x get() "
                       f"{q['get_warm']:.2f}x  cold get(out=) {q['get_out_cold']:.2f}x get() {q['get_cold']:.2f}x "
                       f"(vua/LMCache, load {r['loadavg']:.1f})", flush=True)
     finally:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What writing into recycled block files would gain: new files vs overwriting old ones.
+"""What writing into recycled block files gains: new files vs overwriting old ones.
 
 Every put writes each chunk into a new file (``O_CREAT | O_EXCL``, ``posix_fallocate``, NIXL
 write, rename), while a preallocated pool overwritten in place (LMCache's NIXL backend, and
@@ -11,7 +11,9 @@ through the same NIXL POSIX agent the store uses, interleaved in one run:
             the same NIXL write + rename into place
 
 Buffered and O_DIRECT, medians over ``--repeat`` rounds, ``os.sync()`` before each timed round.
-The store does not recycle: see docs/BENCHMARKS.md ("Recycled block files") for why.
+This is the file-system cost alone; the store recycles evicted block files with a recycle pool
+(``recycle_pool_mib``, vua_nixl.recycle), measured through the store by ``store_io.py
+--recycle``, ``peers.py --recycle`` and ``vua-nixl bench storage --recycle``.
 
     python benchmarks/recycled_files.py [--sizes 1 4 16] [--total-mib 128] [--repeat 5]
 """

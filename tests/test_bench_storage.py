@@ -163,6 +163,16 @@ def test_repeat_keeps_median_and_new_file_baseline(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+def test_recycled_store_writes_go_into_the_previous_rounds_files_and_verify(tmp_path: Path) -> None:
+    """``--recycle``: every round after the first overwrites evicted block files (the run fails
+    otherwise: the store counts its recycled chunks), and the bytes still verify."""
+    cfg = tiny(op_type="WRITE", max_block_size=64 << 10, max_batch_size=2, posix_api_type="URING", num_iter=32, warmup_iter=8)
+    res = run_storage_bench(cfg, RunOptions(directory=tmp_path), raw=False, nixlbench=None, recycle=True)
+    assert [r.path for r in res.rows] == ["store"] * len(res.rows) and res.rows
+    assert all(r.verified is True and "recycled-files" in r.note for r in res.rows)
+    assert not list(tmp_path.iterdir())
+
+
 def test_store_rows_verify_with_more_requests_than_registration_cache(tmp_path: Path) -> None:
     cfg = tiny(op_type="READ", num_threads=9, max_block_size=64 << 10, max_batch_size=1, num_iter=144,
                warmup_iter=0, total_buffer_size=9 << 20)

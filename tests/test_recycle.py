@@ -56,6 +56,14 @@ def evict_all(root: Path, pool_bytes: int) -> Pruner:
     return pruner
 
 
+def pooled_store(tmp_path: Path, chunks: int) -> KVStore:
+    """A store whose root's pool holds the files of one evicted prompt of ``chunks`` chunks."""
+    store = open_store(tmp_path / "root")
+    store.put(toks(1, chunks), kv_of(1, chunks))
+    evict_all(store.paths.root, 1 << 30)
+    return store
+
+
 def test_evicted_blocks_are_pooled_and_overwritten_only_once_old_enough(tmp_path: Path) -> None:
     root = tmp_path / "root"
     store = open_store(root)
@@ -123,10 +131,7 @@ def test_the_pool_never_writes_through_a_link_or_into_a_wrong_file(tmp_path: Pat
 
 
 def test_one_pool_file_goes_to_one_claimer(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    store = open_store(root)
-    store.put(toks(1, 1), kv_of(1, 1))
-    evict_all(root, 1 << 30)
+    store = pooled_store(tmp_path, 1)
     later = time.time() + 1000
     flags = os.O_RDWR
     a, b = RecyclePool(store.paths, 0.3), RecyclePool(store.paths, 0.3)
@@ -144,10 +149,7 @@ def test_one_pool_file_goes_to_one_claimer(tmp_path: Path) -> None:
 
 
 def test_a_failed_write_into_a_recycled_file_publishes_nothing(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    store = open_store(root)
-    store.put(toks(1, 3), kv_of(1, 3))
-    evict_all(root, 1 << 30)
+    store = pooled_store(tmp_path, 3)
     time.sleep(FAST["recycle_after_s"] + 0.05)
     new = toks(2, 3)
 

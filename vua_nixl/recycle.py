@@ -136,11 +136,12 @@ class RecyclePool:
         self.clock: Callable[[], float] = time.time
         self._lists: dict[int, _Listing] = {}
 
-    def claim(self, size: int, tmp_names: list[str], flags: int, *, plain: bool = False,
-              now: Optional[float] = None) -> list[int]:
+    def claim(self, size: int, tmp_names: list[str], flags: int, *, now: Optional[float] = None) -> list[int]:
         """Rename up to ``len(tmp_names)`` old-enough pool files of ``size`` bytes to the first of
         ``tmp_names``, in order, and open each with ``flags``; return their fds (fewer when the
-        pool runs short: the caller creates the rest as new files)."""
+        pool runs short: the caller creates the rest as new files). Each fd is opened with
+        ``flags`` alone once checked, like a new file's: io_uring turns ``O_NONBLOCK`` into
+        EAGAIN for a write that must wait, and cuFile refuses it."""
         now = self.clock() if now is None else now
         listing = self._lists.setdefault(size, _Listing())
         fds: list[int] = []
@@ -151,7 +152,7 @@ class RecyclePool:
                 self._list(size, listing, now)
                 if not listing.ready:
                     break
-            fd = self._take(listing.ready.pop(0), tmp_names[len(fds)], size, flags, plain)
+            fd = self._take(listing.ready.pop(0), tmp_names[len(fds)], size, flags)
             if fd is not None:
                 fds.append(fd)
         return fds
@@ -180,7 +181,7 @@ class RecyclePool:
                 listing.not_before = min(listing.not_before, st.st_ctime + self.after_s)
         listing.ready = [p for _, p in sorted(ready)]
 
-    def _take(self, src: str, tmp: str, size: int, flags: int, plain: bool) -> Optional[int]:
+    def _take(self, src: str, tmp: str, size: int, flags: int) -> Optional[int]:
         """Claim one pool file as ``tmp``: the rename decides who wins; then the file must be
         what a block file is (regular, ``size`` bytes, not linked anywhere else)."""
         try:
@@ -191,7 +192,7 @@ class RecyclePool:
             log.debug("cannot claim %s: %s", src, exc)
             return None
         try:
-            fd = open_regular(tmp, flags, plain=plain)
+            fd = open_regular(tmp, flags, plain=True)
         except (NotRegularFileError, OSError) as exc:
             if not isinstance(exc, NotRegularFileError) and exc.errno not in (errno.EACCES, errno.EPERM, errno.ELOOP):
                 log.debug("cannot open claimed pool file %s: %s", tmp, exc)

@@ -23,6 +23,7 @@ synchronous, so its rows have no Prep/Post split: Tx is the whole call.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import time
@@ -305,6 +306,7 @@ class StoreBench:
 
         Pruner(root, max_age_s=1.0, recycle_pool_bytes=1 << 60).run_once(now=time.time() + 1e6)
         store._writer._pool.clock = lambda: time.time() + 1e6
+        os.sync()  # a file evicted recycle_after_s ago was written back long since
 
     def _room_for(self, nbytes: int) -> bool:
         """Whether ``nbytes`` of fresh block files fit in half the free space under the directory."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -103,7 +104,7 @@ class BlockWriter:
         try:
             with arena.lock:
                 names = [core.paths.tmp_file(key.hex()) for key, _ in jobs]
-                fds = self._pool.claim(geo.file_bytes, names, flags, plain=core.agent.plain_fds_only)
+                fds = self._pool.claim(geo.file_bytes, names, flags)
                 temps = names[: len(fds)]
                 if fds:
                     core.bump(chunks_recycled=len(fds))
@@ -294,14 +295,38 @@ class BlockWriter:
 
     def _make_dir(self, d: str) -> None:
         """Create fan-out directory ``d`` if needed and check it once per process (a symlink
-        planted there must not make a put publish outside the root)."""
+        planted there must not make a put publish outside the root).
+
+        The namespace directory is checked against the root by real path; below it, each level
+        only needs to be a real directory (``lstat``, not a link) inside a checked one, so by
+        induction it lies inside the root too. That costs one ``lstat`` per new directory instead
+        of resolving two long paths, which a put into a young root (new fan-out directories for
+        most chunks) paid per chunk."""
+        parent = os.path.dirname(d)
+        ns_dir = os.fspath(self.core.paths.ns_dir(self.core.fp_hex))
+        if parent not in self._checked:
+            if parent == ns_dir:
+                os.makedirs(parent, exist_ok=True)
+                checked_dir(self.core.paths.root, parent)
+                self._checked.add(parent)
+            else:
+                self._make_dir(parent)
         try:
             os.mkdir(d)
         except FileExistsError:
             pass
-        except FileNotFoundError:
-            os.makedirs(d, exist_ok=True)
-        checked_dir(self.core.paths.root, d)
+        except FileNotFoundError:  # the parent was removed meanwhile (gc of empty directories)
+            self._checked.discard(parent)
+            self._make_dir(parent)
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                pass
+        st = os.lstat(d)
+        if stat.S_ISLNK(st.st_mode):
+            raise StoreRootError(f"{d} is a symlink; the store never writes through links under its root")
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreRootError(f"{d} is not a directory")
         self._checked.add(d)
 
 
