@@ -424,6 +424,30 @@ def test_pvcs_are_read_write_many():
     assert "GDS" in text and "nvidia-fs" in text  # GDS settings are documented next to the claim
 
 
+def test_pruner_keeps_the_store_claim_under_its_limit():
+    """pvc.yaml's pruner: its command line is `vua-nixl prune` on the store claim's mount, and its
+    environment is a valid StoreConfig whose limit fits the claim and whose recycle pool fits the
+    limit (the Pruner refuses one over half of it)."""
+    config = _import_or_skip("vua_nixl.config", "StoreConfig")
+    cli = _import_or_skip("vua_nixl.cli", "build_parser")
+    pruner_mod = _import_or_skip("vua_nixl.lifecycle.pruner", "Pruner")
+    (dep,) = [d for d in load("pvc.yaml") if d["kind"] == "Deployment"]
+    spec = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    (c,) = spec["containers"]
+    assert c["command"] == ["python3", "-m", "vua_nixl"]
+    args = cli.build_parser().parse_args(c["args"])
+    assert args.period and args.period > 0
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols[mounts[args.root]]["persistentVolumeClaim"]["claimName"] == STORE_CLAIM
+    env = {e["name"][len("VUA_NIXL_"):].lower(): e["value"] for e in c["env"] if e["name"].startswith("VUA_NIXL_")}
+    cfg = config.StoreConfig(**env)
+    claim = config.parse_size(pvcs()[STORE_CLAIM]["spec"]["resources"]["requests"]["storage"])
+    assert cfg.max_bytes is not None and cfg.max_bytes <= 0.9 * claim
+    pruner_mod.Pruner(args.root, max_bytes=cfg.max_bytes, recycle_pool_bytes=cfg.recycle_pool_mib << 20)
+
+
 def frontend_args(dgd: dict) -> argparse.Namespace:
     """The frontend command line, parsed by dynamo.frontend's own parser."""
     fe = frontend(dgd)

@@ -22,11 +22,14 @@ from vua_nixl.errors import InvalidInputError
 ENV_PREFIX = "VUA_NIXL_"
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40,
+          # Kubernetes quantities (a PVC's "2Ti"), so a manifest's sizes read the same here
+          "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 
 
 def parse_size(text: Any) -> int:
-    """``4096``, ``"4KiB"``, ``"1.5TiB"``, ``"500G"``, ``"1e6"`` -> bytes (K/M/G/T alone are binary).
+    """``4096``, ``"4KiB"``, ``"1.5TiB"``, ``"500G"``, ``"2Ti"``, ``"1e6"`` -> bytes (K/M/G/T alone,
+    and Kubernetes' Ki/Mi/Gi/Ti, are binary).
 
     The one size parser of the project: the CLI, the config (``VUA_NIXL_MAX_BYTES=500G``) and
     the bench tools all accept the same spellings.
