@@ -17,7 +17,7 @@ import torch
 from helpers import same_bytes
 
 from vua_nixl import KVLayout, KVStore, Namespace
-from vua_nixl.audit import gc_temporaries
+from vua_nixl.audit import gc_temporaries, inventory
 from vua_nixl.config import StoreConfig
 from vua_nixl.errors import InvalidInputError, TransferError
 from vua_nixl.lifecycle import Lifecycle, Pruner
@@ -76,6 +76,8 @@ def test_evicted_blocks_are_pooled_and_overwritten_only_once_old_enough(tmp_path
     pooled = sorted(st.st_ino for _, st in pool_files(store.paths))
     assert pooled == sorted(old)
     assert pruner.usage()[INFLIGHT] == sum(st.st_blocks * 512 for _, st in pool_files(store.paths))
+    inv = inventory(root)  # what `vua-nixl ls` reports
+    assert (inv.chunks, inv.pooled, inv.pooled_bytes) == (0, 6, 6 * store.file_bytes)
 
     store.put(b, kv_of(2, 6))  # the pool is younger than recycle_after_s: new files
     assert store.stats()["chunks_recycled"] == 0 and not set(inodes(store, b)) & set(old)
@@ -85,6 +87,7 @@ def test_evicted_blocks_are_pooled_and_overwritten_only_once_old_enough(tmp_path
     assert store.stats()["chunks_recycled"] == 6
     assert sorted(inodes(store, c)) == sorted(old)  # written into the evicted files
     assert list(pool_files(store.paths)) == [] and list(store.paths.tmp.iterdir()) == []
+    assert inventory(root).pooled == 0
     for seed, t in ((2, b), (3, c)):
         r = store.get(t)
         assert r.tokens == len(t) and same_bytes(r.kv, kv_of(seed, 6))

@@ -25,7 +25,7 @@ from vua_nixl.digest import PROJ64, proj64
 from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError
 from vua_nixl.format import FORMAT_VERSION, checksum, decode_header
 from vua_nixl.paths import StorePaths, note_odd_name, parse_tmp_name, writer_gone
-from vua_nixl.recycle import release_old
+from vua_nixl.recycle import pool_files, release_old
 from vua_nixl.safeio import open_regular
 from vua_nixl.store.reader import quarantine, retry_each
 
@@ -52,6 +52,8 @@ class Inventory:
     temporaries: int = 0
     temporary_bytes: int = 0
     quarantined: int = 0
+    pooled: int = 0  # evicted block files in the recycle pool
+    pooled_bytes: int = 0
 
     @property
     def chunks(self) -> int:
@@ -87,6 +89,9 @@ def inventory(root: str | os.PathLike[str], progress: Optional[Callable[[int], N
             pass
     if paths.quarantine.is_dir():
         inv.quarantined = sum(1 for _ in os.scandir(paths.quarantine))
+    for _, st in pool_files(paths):
+        inv.pooled += 1
+        inv.pooled_bytes += st.st_size
     return inv
 
 

@@ -101,7 +101,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "root": inv.root, "chunks": inv.chunks, "bytes": inv.bytes, "temporaries": inv.temporaries,
-            "quarantined": inv.quarantined,
+            "quarantined": inv.quarantined, "pooled": inv.pooled, "pooled_bytes": inv.pooled_bytes,
             "namespaces": [{"fingerprint": n.fingerprint, "chunks": n.chunks, "bytes": n.bytes, **n.description} for n in inv.namespaces],
         }, indent=2, default=str))
         return 0
@@ -117,7 +117,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         ))
     print_table(("namespace", "model", "dtype", "layout", "tp", "chunk", "chunks", "MiB"), rows,
                 f"{inv.root}: {inv.chunks} chunks, {inv.bytes / 2**20:.1f} MiB", right=("chunk", "chunks", "MiB"))
-    print(f"temporaries: {inv.temporaries} ({inv.temporary_bytes} bytes), quarantined: {inv.quarantined}")
+    print(f"temporaries: {inv.temporaries} ({inv.temporary_bytes} bytes), quarantined: {inv.quarantined}, "
+          f"recycle pool: {inv.pooled} ({inv.pooled_bytes} bytes)")
     return 0
 
 
