@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 from helpers import same_bytes
+from prometheus_client import CollectorRegistry
 
 from vua_nixl import KVLayout, KVStore, Namespace
 from vua_nixl.audit import gc_temporaries, inventory
 from vua_nixl.config import StoreConfig
 from vua_nixl.errors import InvalidInputError, TransferError
-from vua_nixl.lifecycle import Lifecycle, Pruner
+from vua_nixl.lifecycle import Lifecycle, Pruner, StoreMetrics
 from vua_nixl.lifecycle.pruner import INFLIGHT
 from vua_nixl.recycle import POOL_SUFFIX, RecyclePool, _Listing, pool_dir, pool_files
 from vua_nixl.store.reader import BlockReader
@@ -42,7 +43,8 @@ def kv_of(seed: int, chunks: int) -> torch.Tensor:
 
 def open_store(root: Path, lc: Lifecycle | None = None, **kw) -> KVStore:
     kw.setdefault("presence_ttl_s", 0)
-    return KVStore(root, NS, chunk_tokens=C, backend="POSIX", observers=lc.observers() if lc else (), **{**FAST, **kw})
+    observers = lc.observers() if lc else kw.pop("observers", ())
+    return KVStore(root, NS, chunk_tokens=C, backend="POSIX", observers=observers, **{**FAST, **kw})
 
 
 def inodes(store: KVStore, tokens: np.ndarray) -> list[int]:
@@ -66,7 +68,8 @@ def pooled_store(tmp_path: Path, chunks: int) -> KVStore:
 
 def test_evicted_blocks_are_pooled_and_overwritten_only_once_old_enough(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    store = open_store(root)
+    metrics = StoreMetrics(CollectorRegistry())
+    store = open_store(root, observers=[metrics])
     a, b, c = toks(1, 6), toks(2, 6), toks(3, 6)
     store.put(a, kv_of(1, 6))
     old = inodes(store, a)
@@ -85,6 +88,7 @@ def test_evicted_blocks_are_pooled_and_overwritten_only_once_old_enough(tmp_path
     time.sleep(FAST["recycle_after_s"] + 0.05)
     store.put(c, kv_of(3, 6))
     assert store.stats()["chunks_recycled"] == 6
+    assert metrics.chunks_recycled.labels(store.fp_hex[:12])._value.get() == 6
     assert sorted(inodes(store, c)) == sorted(old)  # written into the evicted files
     assert list(pool_files(store.paths)) == [] and list(store.paths.tmp.iterdir()) == []
     assert inventory(root).pooled == 0
@@ -164,7 +168,7 @@ def test_a_failed_write_into_a_recycled_file_publishes_nothing(tmp_path: Path) -
     with pytest.raises(TransferError, match="injected EIO"):
         store.put(new, kv_of(2, 3))
     store.agent.fault_hook = None
-    assert store.stats()["chunks_recycled"] == 3 and store.stats()["write_failures"] == 1
+    assert store.stats()["chunks_recycled"] == 0 and store.stats()["write_failures"] == 1  # nothing was written
     assert store.lookup(new) == 0 and store.get(new).tokens == 0
     assert list(store.paths.tmp.iterdir()) == [] and list(pool_files(store.paths)) == []  # claimed files are gone with it
     store.put(new, kv_of(2, 3))

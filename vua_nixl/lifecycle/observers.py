@@ -101,6 +101,8 @@ class StoreMetrics(StoreObserver):
         self.bytes_read = Counter(f"{p}_bytes_read", "KV bytes loaded", lbl, registry=r)
         self.bytes_written = Counter(f"{p}_bytes_written", "block bytes written", lbl, registry=r)
         self.chunks_written = Counter(f"{p}_chunks_written", "chunks written", lbl, registry=r)
+        self.chunks_recycled = Counter(f"{p}_chunks_recycled", "chunks written into evicted block files of the recycle pool",
+                                       lbl, registry=r)
         self.load_seconds = Histogram(f"{p}_load_seconds", "latency of a load call", lbl, buckets=LATENCY_BUCKETS, registry=r)
         self.evictions = Counter(f"{p}_evictions", "chunks evicted by policy", lbl, registry=r)
         self.deletes = Counter(f"{p}_deletes", "chunks deleted by callers", lbl, registry=r)
@@ -114,6 +116,7 @@ class StoreMetrics(StoreObserver):
         ns = self._ns(store)
         self.chunks_written.labels(ns).inc(len(chunks))
         self.bytes_written.labels(ns).inc(sum(c.nbytes for c in chunks))
+        self.chunks_recycled.labels(ns).inc(sum(1 for c in chunks if c.recycled))
 
     def on_hit(self, store: "KVStore", keys: Sequence[bytes], nbytes: int, seconds: float) -> None:
         ns = self._ns(store)

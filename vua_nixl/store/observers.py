@@ -33,6 +33,8 @@ class StoredChunk:
     tokens: np.ndarray
     nbytes: int
     path: str
+    #: Written into an evicted block file claimed from the recycle pool, not a new file.
+    recycled: bool = False
 
 
 class StoreObserver:

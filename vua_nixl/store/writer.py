@@ -106,17 +106,16 @@ class BlockWriter:
                 names = [core.paths.tmp_file(key.hex()) for key, _ in jobs]
                 fds = self._pool.claim(geo.file_bytes, names, flags)
                 temps = names[: len(fds)]
-                if fds:
-                    core.bump(chunks_recycled=len(fds))
+                recycled = len(fds)
                 for tmp in names[len(fds):]:
                     fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, core.config.file_mode)
                     temps.append(tmp)
                     fds.append(fd)
                     _preallocate(fd, geo.file_bytes)
-                for key, (pi, ci) in jobs:
+                for j, (key, (pi, ci)) in enumerate(jobs):
                     plan = plans[pi]
                     chunks.append(StoredChunk(ci, key, core.parent_of(plan.keys, ci), plan.tokens[ci * c : (ci + 1) * c],
-                                              geo.file_bytes, core.block_path(key)))
+                                              geo.file_bytes, core.block_path(key), recycled=j < recycled))
                 mem_type = core.agent.mem_type_of(next(iter(host_mem.values())))
                 if mem_type == "DRAM" and core.stages_files():
                     self._write_staged(chunks, jobs, host_mem, fds)
@@ -131,6 +130,8 @@ class BlockWriter:
             fds = []
             dirs = self._publish(temps, chunks)
             temps = []
+            if recycled:
+                core.bump(chunks_recycled=recycled)
             if core.config.fsync:
                 for d in dirs:
                     _fsync_dir(d)
