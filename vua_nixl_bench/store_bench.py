@@ -228,6 +228,8 @@ class StoreBench:
                 fresh = self._room_for(rounds * self.threads * batch * store.file_bytes)
 
                 def round_items(i: int) -> list[tuple[Any, Any]]:
+                    if self.recycle:  # evicted into the pool after each round: the same keys again,
+                        return items  # into fan-out directories that exist, as in a store at capacity
                     if not fresh:
                         for r in reqs:
                             store.delete(r)
@@ -300,11 +302,14 @@ class StoreBench:
     @staticmethod
     def _evict_into_pool(store: Any, root: Path) -> None:
         """Untimed, between rounds: evict every block of the point's root into its recycle pool,
-        as the pruner of a store at capacity does, and age the pool past ``recycle_after_s``
-        (the store's clock for it runs ahead instead of the bench sleeping)."""
+        as the pruner of a store at capacity does (telling the store, as its capacity guard
+        would), and age the pool past ``recycle_after_s`` (the store's clock for it runs ahead
+        instead of the bench sleeping)."""
         from vua_nixl.lifecycle import Pruner
 
-        Pruner(root, max_age_s=1.0, recycle_pool_bytes=1 << 60).run_once(now=time.time() + 1e6)
+        pruner = Pruner(root, max_age_s=1.0, recycle_pool_bytes=1 << 60)
+        pruner.on_evict.append(lambda fp, keys: store.notify_removed(keys, "evict"))  # as a worker's guard does
+        pruner.run_once(now=time.time() + 1e6)
         store._writer._pool.clock = lambda: time.time() + 1e6
         os.sync()  # a file evicted recycle_after_s ago was written back long since
 
