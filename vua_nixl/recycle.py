@@ -125,7 +125,7 @@ class RecyclePool:
 
     A directory listing is cached: files that were old enough are tried in order until they
     run out, and the directory is listed again only when it changed (its mtime) or once the
-    youngest file seen could have aged enough. So a put costs one rename, one open and one
+    youngest file seen could have aged enough. So a put costs one rename, two opens and one
     fstat per recycled file, and one ``stat`` of the directory while the pool is empty or
     young."""
 
