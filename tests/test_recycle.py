@@ -137,6 +137,32 @@ def test_the_pool_never_writes_through_a_link_or_into_a_wrong_file(tmp_path: Pat
     store.close()
 
 
+def test_a_pool_linked_outside_the_root_is_never_used_and_stops_nothing(tmp_path: Path) -> None:
+    """A neighbour replaces ``pool/`` with a symlink to a directory outside the root: pruning
+    still evicts (by unlink), guarded puts still work, and nothing lands outside or is read
+    from there."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (outside / "1").mkdir(parents=True)
+    lc = Lifecycle(root, config=StoreConfig(root=root, max_bytes=64 << 20, **FAST))
+    lc.pruner.recycle_pool_bytes = 16 << 20
+    store = open_store(root, lc)
+    store.put(toks(1, 2), kv_of(1, 2))
+    bait = outside / str(store.file_bytes) / f"bait{POOL_SUFFIX}"
+    bait.parent.mkdir()
+    bait.write_bytes(b"\0" * store.file_bytes)
+    os.symlink(outside, store.paths.pool)
+    time.sleep(FAST["recycle_after_s"] + 0.05)
+    rep = lc.pruner.run_once(need_bytes=0, now=time.time())  # counts the root, as every guard does
+    assert rep.inflight_bytes == 0
+    evict_all(root, 1 << 30)
+    assert store.lookup(toks(1, 2)) == 0 and sorted(p.name for p in outside.rglob("*")) == ["1", bait.parent.name, bait.name]
+    store.put(toks(2, 2), kv_of(2, 2))  # guarded put: the capacity check runs over the planted link
+    assert store.stats()["chunks_recycled"] == 0 and bait.read_bytes() == b"\0" * store.file_bytes
+    r = store.get(toks(2, 2))
+    assert r.tokens == 2 * C and same_bytes(r.kv, kv_of(2, 2))
+    store.close()
+
+
 def test_one_pool_file_goes_to_one_claimer(tmp_path: Path) -> None:
     store = pooled_store(tmp_path, 1)
     later = time.time() + 1000

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from vua_nixl.errors import StoreRootError
-from vua_nixl.paths import StorePaths, namespace_id, this_host
+from vua_nixl.paths import StorePaths, namespace_id, note_odd_name, this_host
 from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,18 @@ def pool_dir(paths: StorePaths, size: int) -> str:
 
 
 def pool_files(paths: StorePaths) -> Iterator[tuple[str, os.stat_result]]:
-    """Every pool file (path, lstat) under real size directories of a real ``pool/``."""
+    """Every pool file (path, lstat) under real size directories of a real ``pool/``.
+
+    A ``pool/`` that is not a real directory inside the root (a symlink planted there) holds
+    nothing of ours: it is skipped with a warning, never an error, so it cannot stop the
+    capacity checks and pruning rounds that count the pool (and :func:`give` never uses it)."""
     if not os.path.lexists(paths.pool):
         return
-    checked_dir(paths.root, paths.pool)
+    try:
+        checked_dir(paths.root, paths.pool)
+    except StoreRootError as exc:
+        note_odd_name("recycle pool", f"{paths.pool}: {exc}")
+        return
     with os.scandir(paths.pool) as sizes:
         dirs = [e.path for e in sizes if e.name.isdigit() and e.is_dir(follow_symlinks=False)]
     for d in dirs:
