@@ -339,11 +339,9 @@ def bench_model(model: str, kind: str, worker: Worker, base: Path, total_mib: in
         def vput_recycled(rnd: int) -> None:
             """Round ``rnd``'s files evicted into the recycle pool (untimed, aged by the pool's
             clock), then a put of new keys into them, as in a store at capacity."""
-            from vua_nixl.recycle import give
+            from vua_nixl_bench.recycling import pool_blocks  # main venv only, as vua_nixl
 
-            for k in store.keys_for(toks(rnd)):
-                assert give(store.paths, store.block_path(k))
-            store._writer._pool.clock = lambda: time.time() + 1e6
+            pool_blocks(store, toks(rnd))
             before = store.stats()["chunks_recycled"]
             t0 = now()
             assert store.put(toks(rnd + 1000), kv) == n * T

@@ -46,8 +46,8 @@ import torch
 from vua_nixl import KVLayout, KVStore, Namespace
 from vua_nixl.agent import aligned_empty
 from vua_nixl.keys import as_token_array, chunk_keys
-from vua_nixl.recycle import give
 from vua_nixl_bench.plan import PRESETS, ModelShape
+from vua_nixl_bench.recycling import pool_blocks
 from vua_nixl_bench.results import load_line
 
 DEFAULT_MODELS = ["qwen2-0.5b", "llama-3.1-8b", "deepseek-v3"]
@@ -128,12 +128,6 @@ def bench_point(model: str, mib: int, total_mib: int, repeat: int, base: Path, d
             shutil.rmtree(rawdir, ignore_errors=True)
             rawdir.mkdir(parents=True)
 
-        def pool_store() -> None:  # evict this round's blocks into the pool, aged
-            for p in paths:
-                if not give(store.paths, p):
-                    raise RuntimeError(f"{p} could not be pooled")
-            store._writer._pool.clock = lambda: time.time() + 1e6
-
         def raw_write() -> None:
             wflags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
             for i in range(n_chunks):
@@ -174,7 +168,8 @@ def bench_point(model: str, mib: int, total_mib: int, repeat: int, base: Path, d
         setups = {"raw_write": clean(wipe_raw), "store_put": clean(wipe_store)}
         if recycle:
             before = store.stats()["chunks_recycled"]  # each recycled round overwrites the plain put's files
-            writes["store_put_recycled"], setups["store_put_recycled"] = store_put, clean(pool_store)
+            writes["store_put_recycled"] = store_put
+            setups["store_put_recycled"] = clean(lambda: pool_blocks(store, tokens))  # this round's blocks, aged
         w = interleaved(writes, repeat, setups)
         if recycle and store.stats()["chunks_recycled"] - before != repeat * n_chunks:
             raise RuntimeError("recycled puts did not all go into recycled files")

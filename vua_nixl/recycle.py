@@ -81,23 +81,28 @@ def pool_bytes(paths: StorePaths) -> int:
     return sum(st.st_blocks * 512 for _, st in pool_files(paths) if stat.S_ISREG(st.st_mode))
 
 
-def give(paths: StorePaths, path: str) -> bool:
+def give(paths: StorePaths, path: str, checked: Optional[set[str]] = None) -> bool:
     """Move the block file at ``path`` into the pool (by its size) instead of unlinking it.
 
     Returns whether it moved (not a regular file, or no usable pool: the caller unlinks);
     FileNotFoundError if the block is already gone. The pool directory must be a real
-    directory inside the root (a planted symlink must not make eviction move blocks out of it)."""
+    directory inside the root (a planted symlink must not make eviction move blocks out of it);
+    ``checked`` holds the directories already made and checked by this caller (one pruning
+    round moves many victims into the same one)."""
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
         return False
     d = pool_dir(paths, st.st_size)
-    try:
-        os.makedirs(d, exist_ok=True)
-        checked_dir(paths.root, paths.pool)
-        checked_dir(paths.root, d)
-    except (OSError, StoreRootError) as exc:
-        log.warning("recycle pool %s unusable (%s): evicting by unlink", d, exc)
-        return False
+    if checked is None or d not in checked:
+        try:
+            os.makedirs(d, exist_ok=True)
+            checked_dir(paths.root, paths.pool)
+            checked_dir(paths.root, d)
+        except (OSError, StoreRootError) as exc:
+            log.warning("recycle pool %s unusable (%s): evicting by unlink", d, exc)
+            return False
+        if checked is not None:
+            checked.add(d)
     os.replace(path, f"{d}/{this_host()}.{os.getpid()}.{namespace_id()}-{uuid.uuid4().hex[:12]}{POOL_SUFFIX}")
     return True
 

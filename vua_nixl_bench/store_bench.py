@@ -225,7 +225,7 @@ class StoreBench:
                 # Every iteration puts new prefixes (a store never rewrites a chunk it has), so the
                 # first token is varied per iteration; the files are removed after the point.
                 rounds = warmup + per_thread_iters
-                fresh = self._room_for(rounds * self.threads * batch * store.file_bytes)
+                fresh = not self.recycle and self._room_for(rounds * self.threads * batch * store.file_bytes)
 
                 def round_items(i: int) -> list[tuple[Any, Any]]:
                     if self.recycle:  # evicted into the pool after each round: the same keys again,
@@ -307,10 +307,12 @@ class StoreBench:
         instead of the bench sleeping)."""
         from vua_nixl.lifecycle import Pruner
 
+        from .recycling import age_pool
+
         pruner = Pruner(root, max_age_s=1.0, recycle_pool_bytes=1 << 60)
         pruner.on_evict.append(lambda fp, keys: store.notify_removed(keys, "evict"))  # as a worker's guard does
         pruner.run_once(now=time.time() + 1e6)
-        store._writer._pool.clock = lambda: time.time() + 1e6
+        age_pool(store)
         os.sync()  # a file evicted recycle_after_s ago was written back long since
 
     def _room_for(self, nbytes: int) -> bool:

@@ -40,7 +40,7 @@ from vua_nixl.lifecycle.accesslog import EVICTED, shared_log
 from vua_nixl.lifecycle.index import LEASE_MARGIN_S, LEASE_S, LEASE_WAIT_S, AccessIndex, RootLock, read_ledger, root_lock, write_ledger
 from vua_nixl.lifecycle.policies import EvictionPolicy, Policy, make_policy
 from vua_nixl.paths import BLOCK_SUFFIX, StorePaths, note_odd_name
-from vua_nixl.recycle import give, pool_bytes, pool_files
+from vua_nixl.recycle import give, pool_bytes
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,12 @@ RESERVE_KEY = "reserve"
 
 
 def inflight_bytes(root: str | os.PathLike[str], max_reservation: Optional[int] = None) -> int:
-    """Bytes held by temporaries (puts in flight, preallocated to full size, or left by crashes)
-    and by the recycle pool.
+    """Bytes held by temporaries (:func:`temporary_bytes`) and by the recycle pool."""
+    return temporary_bytes(root, max_reservation) + pool_bytes(StorePaths(root))
+
+
+def temporary_bytes(root: str | os.PathLike[str], max_reservation: Optional[int] = None) -> int:
+    """Bytes held by temporaries: puts in flight (preallocated to full size) or left by crashes.
 
     Counting them against the root limit makes other processes' writes visible *before* they
     publish, which shrinks the overshoot window to the time between a put's capacity check and
@@ -164,7 +168,7 @@ def inflight_bytes(root: str | os.PathLike[str], max_reservation: Optional[int] 
             total += n
         else:  # a guarded put's own reservation covers it where no blocks are reported
             total += st.st_blocks * 512
-    return total + sum(st.st_blocks * 512 for _, st in pool_files(StorePaths(root)))
+    return total
 
 
 def fingerprints_of(namespaces: Iterable[Any], chunk_tokens: int) -> set[str]:
@@ -331,10 +335,11 @@ class Pruner:
         # In-flight bytes *before* the block walk: every reserved put then shows up in one count
         # or the other (or both), never in neither. No put can reserve while we hold the lock,
         # and a put drops its reservation file only after its blocks are published.
-        rep.inflight_bytes = inflight_bytes(self.root, self.max_bytes)
+        pooled = pool_bytes(self.paths)
+        rep.inflight_bytes = temporary_bytes(self.root, self.max_bytes) + pooled
         # Room the pool may still fill from this round's victims: treated as used, so moving
         # victims there instead of unlinking them never ends the round above a limit.
-        pool_room = max(0, self.recycle_pool_bytes - pool_bytes(self.paths)) if self.recycle_pool_bytes else 0
+        pool_room = max(0, self.recycle_pool_bytes - pooled)
         idx = AccessIndex.load(self.root)
         rep.records_folded = idx.fold_logs(self.root, consume=True, idle_s=self.log_idle_s)
         blocks = scan_blocks(self.root)
@@ -437,10 +442,11 @@ class Pruner:
                 except Exception:  # an observer must not stop eviction half way
                     log.exception("eviction callback failed")
         alog = shared_log(self.root)
+        pool_dirs: set[str] = set()  # checked once per round
         for b in chosen:
             reason = victims[b.key][1]
             try:
-                if reason != "corrupt" and b.size <= pool_room and give(self.paths, b.path):
+                if reason != "corrupt" and b.size <= pool_room and give(self.paths, b.path, pool_dirs):
                     pool_room -= b.size
                     rep.recycled_chunks += 1
                     rep.inflight_bytes += b.size

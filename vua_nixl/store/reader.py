@@ -56,10 +56,13 @@ _MOVED = "moved: "  # the name no longer names the inode read (evicted, recycled
 def _still_named(path: str, fd: int) -> bool:
     """Whether ``path`` still names the inode open as ``fd``."""
     try:
-        a, b = os.fstat(fd), os.lstat(path)
+        return _inode(os.fstat(fd)) == _inode(os.lstat(path))
     except OSError:
         return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _inode(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def quarantine(paths: StorePaths, path: str, fd: Optional[int] = None, expect: Optional[tuple[int, int]] = None) -> bool:
@@ -73,12 +76,9 @@ def quarantine(paths: StorePaths, path: str, fd: Optional[int] = None, expect: O
     try:
         checked_dir(paths.root, paths.quarantine)  # never move anything out of the root
         if fd is not None:
-            st_fd = os.fstat(fd)
-            expect = (st_fd.st_dev, st_fd.st_ino)
-        if expect is not None:
-            st_path = os.lstat(path)
-            if (st_path.st_dev, st_path.st_ino) != expect:
-                return False
+            expect = _inode(os.fstat(fd))
+        if expect is not None and _inode(os.lstat(path)) != expect:
+            return False
         os.replace(path, paths.quarantine_file(key_hex))
         return True
     except (OSError, VuaNixlError) as exc:
