@@ -3,7 +3,9 @@
 `vua_nixl.format.decode_header` reads bytes that anyone with write access to a shared root can
 plant. Properties: it raises nothing but CorruptBlockError (or NewerFormatError, for a version field
 that now reads as a future version: refused, never served), anything it accepts is well typed,
-and its memory use is bounded by the size of its input, never by what the header claims.
+and its memory use is bounded by the size of its input, never by what the header claims. The
+reader's fast path, `HeaderMatcher.match`, accepts exactly what `decode_header` plus
+`ExpectedBlock.check` accept, and gives the same checksum, on every input of every property.
 """
 
 from __future__ import annotations
@@ -24,17 +26,21 @@ from vua_nixl.format import (
     PREFIX_BYTES,
     BlockHeader,
     ExpectedBlock,
+    HeaderMatcher,
     decode_header,
     encode_header,
 )
 
 SETTINGS = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
-GOOD = encode_header(ExpectedBlock(
+EXPECT = ExpectedBlock(
     namespace=b"n" * 16, key=b"k" * 16, parent=b"p" * 16, tokens=bytes(range(128)), dtype="bfloat16",
     shape=(2, 2, 16, 2, 8), layout={"layers": 2, "kv_heads": 2, "head_dim": 8, "mla": False},
     payload_offset=4096, payload_len=2048,
-).make_header(checksum=12345, created=1.0))
+)
+GOOD = encode_header(EXPECT.make_header(checksum=12345, created=1.0))
+MATCHER = HeaderMatcher(EXPECT.namespace, EXPECT.dtype, EXPECT.shape, EXPECT.layout, EXPECT.payload_offset,
+                        EXPECT.payload_len)
 
 
 def decode_bounded(buf: bytes) -> BlockHeader | None:
@@ -54,7 +60,21 @@ def decode_bounded(buf: bytes) -> BlockHeader | None:
         assert isinstance(h.dtype, str) and isinstance(h.layout, dict)
         assert h.shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in h.shape)
         assert all(isinstance(x, int) and not isinstance(x, bool) for x in (h.payload_offset, h.payload_len, h.checksum))
+    assert_fast_path_agrees(buf, h)
     return h
+
+
+def assert_fast_path_agrees(buf: bytes, decoded: BlockHeader | None) -> None:
+    """The reader's one-pass check says yes exactly when decoding and checking say yes."""
+    slow = None
+    if decoded is not None:
+        try:
+            EXPECT.check(decoded)
+            slow = (decoded.checksum, decoded.alg)
+        except CorruptBlockError:
+            pass
+    assert MATCHER.match(buf, EXPECT.key, EXPECT.parent, EXPECT.tokens) == slow
+    assert MATCHER.match(memoryview(buf), EXPECT.key, EXPECT.parent, EXPECT.tokens) == slow
 
 
 def framed(body: bytes, hlen: int | None = None, version: int = FORMAT_VERSION, magic: bytes = MAGIC) -> bytes:
@@ -74,6 +94,28 @@ FIELDS = ["v", "ns", "key", "parent", "tokens", "dtype", "shape", "layout", "off
 def test_the_good_header_decodes():
     h = decode_bounded(GOOD)
     assert h is not None and h.shape == (2, 2, 16, 2, 8) and h.payload_len == 2048 and h.checksum == 12345
+    assert MATCHER.match(GOOD, EXPECT.key, EXPECT.parent, EXPECT.tokens) == (12345, "xxh3")
+
+
+@pytest.mark.parametrize("name, value", [
+    ("key", b"K" * 16), ("parent", b"P" * 16), ("tokens", bytes(128)), ("ns", b"m" * 16), ("dtype", "float16"),
+    ("shape", [2, 2, 16, 2, 4]), ("shape", [2, 2, 16, 2, True]), ("layout", {"layers": 3}), ("off", 8192),
+    ("len", 4096), ("v", True), ("xxh3", "12345"), ("xxh3", True), ("created", None), ("alg", "md5"),
+])
+def test_fast_path_refuses_every_field_the_slow_path_refuses(name, value):
+    fields = msgpack.unpackb(GOOD[PREFIX_BYTES : PREFIX_BYTES + _PREFIX.unpack_from(GOOD)[2]], raw=False)
+    fields[name] = value
+    buf = framed(msgpack.packb(fields, use_bin_type=True))
+    assert MATCHER.match(buf, EXPECT.key, EXPECT.parent, EXPECT.tokens) is None
+    decode_bounded(buf)  # and agrees with decode_header + check
+
+
+def test_fast_path_reads_the_algorithm_and_ignores_unknown_fields():
+    fields = msgpack.unpackb(GOOD[PREFIX_BYTES : PREFIX_BYTES + _PREFIX.unpack_from(GOOD)[2]], raw=False)
+    fields.update(alg="proj64", extra=[1, 2], created=7)
+    buf = framed(msgpack.packb(fields, use_bin_type=True))
+    assert MATCHER.match(buf, EXPECT.key, EXPECT.parent, EXPECT.tokens) == (12345, "proj64")
+    assert decode_bounded(buf) is not None
 
 
 @SETTINGS

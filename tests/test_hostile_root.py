@@ -261,12 +261,13 @@ def test_checksum_failure_in_the_callers_buffer_is_rechecked_privately_before_bl
         assert s.stats()["corrupt"] == 0 and list(s.paths.quarantine.iterdir()) == []
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_a_staged_read_never_lets_a_bad_chunk_into_the_callers_buffer(tmp_path, lanes):
+@pytest.mark.parametrize("lanes, pipeline_kib", [(1, 1), (2, 1), (1, None)])
+def test_a_staged_read_never_lets_a_bad_chunk_into_the_callers_buffer(tmp_path, lanes, pipeline_kib):
     """Staged reads verify each file in the store's own slab; the caller's memory receives only
     chunks that passed, and what the caller's memory holds never decides a file's fate."""
-    # one file per sub-batch: several sub-batches, dealt over the lanes
-    s, kv = filled(tmp_path / "r", io_lanes=lanes, pipeline_kib=1)
+    # one file per sub-batch (several sub-batches, dealt over the lanes), or all in one
+    # sub-batch: good chunks around the bad one are copied in runs, the bad one never
+    s, kv = filled(tmp_path / "r", io_lanes=lanes, pipeline_kib=pipeline_kib)
     with s:
         assert s.config.stage_max_kib << 10 >= s.file_bytes  # these chunks are staged
         bad = s.block_path(s.keys_for(TOKENS)[2])
@@ -279,6 +280,8 @@ def test_a_staged_read_never_lets_a_bad_chunk_into_the_callers_buffer(tmp_path, 
         s.agent.fault_hook = lambda op, descs: readers.add(threading.current_thread().name)
         res = s.get(TOKENS, out=out)
         assert any(n.startswith("vua-nixl-lane") for n in readers) == (lanes > 1)  # the twin lane read too
+        if pipeline_kib is None:
+            assert len(readers) == 1 and s.chunk_bytes * len(s.keys_for(TOKENS)) < 4 << 20  # one sub-batch
         assert res.tokens == 2 * CHUNK and same_bytes(out[:, :, : 2 * CHUNK], kv[:, :, : 2 * CHUNK])
         assert same_bytes(out[:, :, 2 * CHUNK : 3 * CHUNK], sentinel[:, :, : CHUNK])  # never touched
         assert s.stats()["corrupt"] == 1 and [p.name.split(".")[0] for p in s.paths.quarantine.iterdir()] == [

@@ -62,11 +62,13 @@ def test_round_trip_mla(root):
 
 @pytest.mark.parametrize("layout, dtype", [(LAYOUT, "bfloat16"), (KVLayout(num_layers=4, kv_heads=1, head_dim=40, mla=True), "fp8"),
                                            (KVLayout(num_layers=2, kv_heads=4, head_dim=8), "float32")])
-@pytest.mark.parametrize("lanes", [1, 2])
-def test_staged_and_in_place_reads_return_the_same_bytes(tmp_path, layout, dtype, lanes):
+@pytest.mark.parametrize("lanes, pipeline_kib", [(1, 1), (2, 1), (1, None)])
+def test_staged_and_in_place_reads_return_the_same_bytes(tmp_path, layout, dtype, lanes, pipeline_kib):
     """Whole files staged in a lane's slab then copied into place, or segments read straight
     into place: the same KV for get(), get(out=) and a get_many of several prefixes, every
-    layout and element size (numpy copies bfloat16 and fp8 as integers of their width)."""
+    layout and element size (numpy copies bfloat16 and fp8 as integers of their width). One
+    file per sub-batch, or every prefix in one sub-batch (runs of chunks copied at once, a run
+    ending where its prefix does)."""
     ns = Namespace("staged/model", dtype, layout)
     dtype_of = {"bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "float32": torch.float32}
     seqs = [torch.arange(i * 10_000, i * 10_000 + (3 + i) * CHUNK) for i in range(3)]
@@ -74,7 +76,7 @@ def test_staged_and_in_place_reads_return_the_same_bytes(tmp_path, layout, dtype
     got: dict[int, list[torch.Tensor]] = {}
     for stage in (0, 1 << 20):
         with KVStore(tmp_path / f"s{stage}", ns, chunk_tokens=CHUNK, backend="POSIX", stage_max_kib=stage,
-                     io_lanes=lanes, pipeline_kib=1) as s:
+                     io_lanes=lanes, pipeline_kib=pipeline_kib) as s:
             s.put_many(list(zip(seqs, kvs)))
             outs = [torch.zeros(layout.shape(len(t) + CHUNK), dtype=dtype_of[dtype]) for t in seqs]
             res = s.get_many(seqs, outs=outs)

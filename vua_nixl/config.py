@@ -105,11 +105,12 @@ class StoreConfig(TypedConfig):
         "while still in the CPU's cache (unset: 2048, measured best on a 2-CPU host; hosts with larger caches may "
         "gain from more)")
     stage_max_kib: int = Field(
-        default=4096, ge=0, description="block files up to this size (KiB), page cache and host memory, move whole, one "
+        default=4608, ge=0, description="block files up to this size (KiB), page cache and host memory, move whole, one "
         "descriptor per file, through a registered slab of the lane that moves them: a put gathers each chunk there "
         "and digests it in one pass, a get verifies it there and copies only good chunks into place (0: every segment "
         "moves as its own descriptor, straight between the KV and the file). Small chunks of real models are dozens "
-        "of small segments each; larger files gain nothing (docs/BENCHMARKS.md)")
+        "of small segments each; 4608 takes in a 4 MiB chunk with its header, while 16 MiB files read slower staged "
+        "(docs/BENCHMARKS.md)")
     file_mode: int = Field(default=0o644, description="permission bits for block files (umask applies)")
     staging_mib: int = Field(default=256, ge=1, description="registered bounce buffer for unregistrable memory")
     output_pool_mib: int = Field(default=1024, ge=0, description="registered memory get() without out= returns results in (0: a fresh tensor per load)")

@@ -245,6 +245,28 @@ INT_OF_SIZE = {1: (torch.uint8, np.uint8), 2: (torch.int16, np.int16), 4: (torch
                8: (torch.int64, np.int64)}
 
 
+def chunk_places(dest: np.ndarray, tdim: int, chunk_tokens: int) -> np.ndarray:
+    """A view of canonical KV ``dest`` whose item ``[ci]`` is chunk ``ci``'s place in it (the
+    token axis split into chunks and moved first): a staged read places each chunk with one
+    index and one copy instead of building a slice per chunk."""
+    m = dest.shape[tdim] // chunk_tokens
+    st = dest.strides
+    shape = dest.shape[:tdim] + (m, chunk_tokens) + dest.shape[tdim + 1 :]
+    strides = st[:tdim] + (chunk_tokens * st[tdim], st[tdim]) + st[tdim + 1 :]
+    split = np.lib.stride_tricks.as_strided(dest, shape, strides, writeable=True)  # inside dest: m * c <= T
+    return np.moveaxis(split, tdim, 0)
+
+
+def slab_payloads(raw: np.ndarray, n: int, file_bytes: int, payload_off: int, chunk_shape: tuple[int, ...],
+                  dtype: Any) -> np.ndarray:
+    """The payloads of ``n`` whole block files lying one after another in slab ``raw`` (bytes),
+    as an array of ``n`` chunks of ``chunk_shape``; numpy checks that it fits the slab."""
+    inner = [np.dtype(dtype).itemsize]
+    for d in reversed(chunk_shape[1:]):
+        inner.insert(0, inner[0] * d)
+    return np.ndarray((n, *chunk_shape), dtype=dtype, buffer=raw, offset=payload_off, strides=(file_bytes, *inner))
+
+
 def contiguous_checksum(payload: np.ndarray, alg: str) -> int:
     """The digest of a payload lying contiguous in host memory (a staged transfer), by the header's
     algorithm: the same value :meth:`ChunkGeometry.chunk_checksum` gives for it in place."""

@@ -32,7 +32,7 @@ import torch
 from vua_nixl.agent import NixlAgent
 from vua_nixl.digest import XXH3
 from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError, VuaNixlError
-from vua_nixl.format import BlockHeader, decode_header
+from vua_nixl.format import BlockHeader, HeaderMatcher, decode_header
 from vua_nixl.kvlayout import token_dim
 from vua_nixl.paths import StorePaths
 from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular
@@ -103,6 +103,10 @@ class BlockReader:
         self.core = core
         self._verifier: Optional[ThreadPoolExecutor] = None
         self._slabs = planning.LaneSlabs()  # staged reads
+        geo = core.geo
+        #: Plain headers are checked in one pass; sealed ones (MAC over every field) decode fully.
+        self._matcher = None if core.chain.sealed else HeaderMatcher(
+            core.chain.fingerprint, geo.dtype_name, geo.chunk_shape, geo.layout_desc, geo.payload_off, geo.chunk_bytes)
 
     def close(self) -> None:
         if self._verifier is not None:
@@ -232,9 +236,11 @@ class BlockReader:
         results: list[list[Optional[str]]] = [[] for _ in groups]
         fds = [plan.fds[ci] for plan, ci in jobs]
 
-        tdim, c, poff = token_dim(geo.layout), geo.chunk_tokens, geo.payload_off
+        tdim, poff = token_dim(geo.layout), geo.payload_off
         as_int, np_int = planning.INT_OF_SIZE[geo.dtype.itemsize]
-        dests = {id(p): p.mem.view(as_int).numpy() for p in plans}  # type: ignore[union-attr]
+        # [ci] of each is chunk ci's place in the caller's tensor / chunk i's payload in a slab
+        dests = {id(p): planning.chunk_places(p.mem.view(as_int).numpy(), tdim, geo.chunk_tokens)  # type: ignore[union-attr]
+                 for p in plans}
 
         def step(agent: NixlAgent, k: int) -> None:
             # Lean on purpose: per chunk this is Python under the GIL that other lanes wait for.
@@ -242,6 +248,8 @@ class BlockReader:
             slab = self._slabs.get(agent, width * fb)
             assert slab.buf is not None
             raw = slab.buf.numpy()
+            view = memoryview(raw)
+            payloads = planning.slab_payloads(raw, hi - lo, fb, poff, geo.chunk_shape, np_int)
             rows, frows = planning.whole_file_rows(slab, fb, fds[lo:hi])
             failed: list[Optional[str]] = [None] * (hi - lo)
             try:
@@ -252,6 +260,7 @@ class BlockReader:
                 failed = retry_each([partial(agent.transfer, "READ", rows[i : i + 1], frows[i : i + 1], "DRAM")
                                      for i in range(hi - lo)])
             out: list[Optional[str]] = []
+            run: list[Any] = []  # [plan, first ci, first i, count]: good chunks in a row, copied at once
             for i, j in enumerate(range(lo, hi)):
                 plan, ci = jobs[j]
                 if failed[i] is not None:  # the prefix ends here; the file is not blamed
@@ -259,14 +268,25 @@ class BlockReader:
                     continue
                 start = i * fb
                 payload = raw[start + poff : start + fb]
-                reason = self._verdict(plan, ci, raw[start : start + poff].tobytes(),
+                reason = self._verdict(plan, ci, view[start : start + poff],
                                        lambda alg, p=payload: planning.contiguous_checksum(p, alg),  # type: ignore[misc]
                                        lambda header, p=payload: planning.contiguous_mac(core.chain, header, p))  # type: ignore[misc]
-                if reason is None:  # numpy's copy releases the GIL: the other lanes go on meanwhile
-                    np.copyto(dests[id(plan)][(slice(None),) * tdim + (slice(ci * c, ci * c + c),)],
-                              payload.view(np_int).reshape(geo.chunk_shape))
+                if reason is None:
+                    if run and run[0] is plan and run[1] + run[3] == ci and run[2] + run[3] == i:
+                        run[3] += 1
+                    else:
+                        place(run, payloads)
+                        run = [plan, ci, i, 1]
                 out.append(reason)
+            place(run, payloads)
             results[k] = out
+
+        def place(run: list[Any], payloads: np.ndarray) -> None:
+            # One copy per run of good chunks: numpy releases the GIL for it, and every hand-off
+            # of the GIL between lanes costs a wait (docs/BENCHMARKS.md, "Staged small files").
+            if run:
+                plan, ci, i, n = run
+                np.copyto(dests[id(plan)][ci : ci + n], payloads[i : i + n])
 
         try:
             with core.agent.files(fds):
@@ -340,24 +360,34 @@ class BlockReader:
                 lambda header, mem=mem, ci=ci, addrs=addrs: geo.chunk_mac(self.core.chain, header, mem, ci, addrs)))  # type: ignore[misc]
         return reasons
 
-    def _verdict(self, plan: Plan, ci: int, raw_header: bytes, digest: Callable[[str], int],
+    def _verdict(self, plan: Plan, ci: int, raw_header: bytes | memoryview, digest: Callable[[str], int],
                  mac_of: Callable[[BlockHeader], bytes]) -> Optional[str]:
         """Why chunk ``ci`` of ``plan`` is invalid (None: valid), given its header bytes and how
         to digest (by algorithm) and MAC its payload where it was read to."""
         core, geo = self.core, self.core.geo
         c = geo.chunk_tokens
+        toks = plan.tokens[ci * c : (ci + 1) * c]
+        parent = core.parent_of(plan.keys, ci)
+        quick = None if self._matcher is None else self._matcher.match(raw_header, plan.keys[ci], parent,
+                                                                       core.chain.token_field(toks))
+        header: Optional[BlockHeader] = None
         try:
-            header = decode_header(raw_header)
-            geo.expected(core.chain, plan.keys[ci], core.parent_of(plan.keys, ci), plan.tokens[ci * c : (ci + 1) * c]).check(header)
+            if quick is None:  # sealed, or something is off: decode fully, for the precise reason
+                header = decode_header(raw_header)
+                geo.expected(core.chain, plan.keys[ci], parent, toks).check(header)
+                checksum, alg = header.checksum, header.alg
+            else:
+                checksum, alg = quick
             if core.config.verify_checksums:
                 ident = self._unchanged_since_open(plan, ci)
                 if ident is not None and core.verified.fresh(ident):
                     core.bump(digests_skipped=1)
-                elif digest(header.alg) != header.checksum:
+                elif digest(alg) != checksum:
                     raise CorruptBlockError("payload checksum mismatch")
                 elif ident is not None:
                     core.verified.add(ident)
             if core.chain.sealed:  # always, whatever verify_checksums says: this is authentication
+                assert header is not None  # sealed headers always decode fully
                 if not hmac.compare_digest(mac_of(header), header.mac):
                     raise CorruptBlockError("MAC mismatch: not written with this tenant's key")
             return None
