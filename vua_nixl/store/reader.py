@@ -248,7 +248,7 @@ class BlockReader:
             slab = self._slabs.get(agent, width * fb)
             assert slab.buf is not None
             raw = slab.buf.numpy()
-            view = memoryview(raw)
+            view = memoryview(raw)  # type: ignore[arg-type]  # numpy arrays are buffers
             payloads = planning.slab_payloads(raw, hi - lo, fb, poff, geo.chunk_shape, np_int)
             rows, frows = planning.whole_file_rows(slab, fb, fds[lo:hi])
             failed: list[Optional[str]] = [None] * (hi - lo)
