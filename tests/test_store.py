@@ -86,6 +86,26 @@ def test_staged_and_in_place_reads_return_the_same_bytes(tmp_path, layout, dtype
         assert same_bytes(a, want) and same_bytes(b, want)
 
 
+@pytest.mark.parametrize("pipeline_kib", [1, None])
+def test_staged_reads_into_strided_views_of_a_larger_buffer(tmp_path, pipeline_kib):
+    """get(out=) into a slice of a bigger cache (tokens at an offset, every other layer): staged
+    chunks land at exactly the view's places, and not one byte around them changes."""
+    ns = Namespace("staged/views", "bfloat16", LAYOUT)
+    kv = make_kv(LAYOUT, torch.bfloat16, len(TOKENS), seed=47)
+    with KVStore(tmp_path / "s", ns, chunk_tokens=CHUNK, backend="POSIX", pipeline_kib=pipeline_kib) as s:
+        assert s.config.stage_max_kib << 10 >= s.file_bytes and s.put(TOKENS, kv) == 5 * CHUNK
+        big = torch.full((2 * LAYOUT.num_layers, 2, 7 * CHUNK + 3, LAYOUT.kv_heads, LAYOUT.head_dim), 5.0,
+                         dtype=torch.bfloat16)
+        sentinel = big.clone()
+        out = big[::2, :, 3 : 3 + 5 * CHUNK + 2]  # strided layers, offset tokens, not a chunk multiple
+        assert not out.is_contiguous()
+        assert s.get(TOKENS, out=out).tokens == 5 * CHUNK
+        assert same_bytes(out[:, :, : 5 * CHUNK], kv[:, :, : 5 * CHUNK])
+        mask = torch.ones(big.shape, dtype=torch.bool)
+        mask[::2, :, 3 : 3 + 5 * CHUNK] = False
+        assert torch.equal(big.view(torch.int16)[mask], sentinel.view(torch.int16)[mask])
+
+
 @pytest.mark.parametrize("tenant", [None, "acme"])
 @pytest.mark.parametrize("writer_stage, reader_stage", [(1 << 20, 0), (0, 1 << 20)])
 def test_staged_and_in_place_writes_make_the_same_files(tmp_path, tenant, writer_stage, reader_stage):

@@ -19,6 +19,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,6 +401,53 @@ class NixlAgent:
         sleep floor; a deadline turns a hung transfer into an error) and release it."""
         self._finish(self._post(op, mem_descs, file_descs, mem_type), op, len(mem_descs))
 
+    def transfer_pair(self, op: str, first: tuple[np.ndarray, np.ndarray], mem_type: str,
+                      second: "Future[tuple[np.ndarray, np.ndarray]]") -> None:
+        """Two requests: ``first`` now, and ``second`` as soon as another thread has made its rows
+        ready (block headers that carry digests of ``first``'s bytes), posted while ``first`` is
+        still in flight instead of one round trip after it. Returns when both moved; any
+        failure raises only after both requests ended and ``second``'s producer finished (no
+        I/O, and no thread, left reading memory the caller is about to reuse). GDS backends,
+        which split requests, run them one after the other."""
+        if self.backend in GDS_BACKENDS:
+            try:
+                self.transfer(op, *first, mem_type)
+            finally:
+                rows = second.result()
+            self.transfer(op, *rows, mem_type)
+            return
+        handles: list[Any] = []
+        deferred: list[BaseException] = []
+
+        def post_second() -> None:
+            if len(handles) == 1 and not deferred and second.done():
+                try:
+                    m, f = second.result()
+                    handles.append(self._post(op, m, f, mem_type) if len(m) else None)
+                except BaseException as exc:  # raised once the first request ended
+                    deferred.append(exc)
+
+        try:
+            handles.append(self._post(op, *first, mem_type) if len(first[0]) else None)
+            if handles[0] is not None:
+                handle, handles[0] = handles[0], None
+                self._finish(handle, op, len(first[0]), poll=post_second)
+            wait_futures([second])
+            post_second()
+            if deferred:
+                raise deferred[0]
+            if handles[1] is not None:
+                handle, handles[1] = handles[1], None
+                self._finish(handle, op, len(second.result()[0]))
+        finally:
+            wait_futures([second])
+            for h in handles:  # after an error: let the other request end before memory is reused
+                if h is not None:
+                    try:
+                        self._finish(h, op, 0)
+                    except TransferError:
+                        pass
+
     def transfer_overlapped(self, op: str, batches: Sequence[tuple[np.ndarray, np.ndarray]], mem_type: str,
                             work: Callable[[int], None], ahead: int = 1) -> None:
         """:meth:`transfer` each (mem_descs, file_descs) batch in order, with ``ahead`` more
@@ -455,12 +504,15 @@ class NixlAgent:
                 raise TransferError(f"NIXL {op} of {len(mem_descs)} descriptors ended in state {state}")
             return handle
 
-    def _finish(self, handle: Any, op: str, ndesc: int) -> None:
-        """Poll a posted request to completion (same spin-then-back-off as transfer) and release it."""
+    def _finish(self, handle: Any, op: str, ndesc: int, poll: Optional[Callable[[], None]] = None) -> None:
+        """Poll a posted request to completion (same spin-then-back-off as transfer) and release it;
+        ``poll()`` runs before each check (it must not raise)."""
         spins = 0
         deadline = time.monotonic() + self.timeout_s
         try:
             while True:
+                if poll is not None:
+                    poll()
                 with self._lock:
                     state = self._agent.check_xfer_state(handle)
                 if state != "PROC":

@@ -190,17 +190,19 @@ class BlockWriter:
             if len(lanes) > 1:
                 self._write_on_lanes(lanes, groups, sealers, list(host_mem.values()), fds, (hm, hf, pm, pf))
             elif mem_type == "DRAM" and len(jobs) > 1 and core.hash_in_thread():
-                # Digests on a helper thread while this one drives the payload write;
-                # the headers that carry them go in a second request, before any rename.
+                # Digests on a helper thread while this one drives the payload write; the
+                # headers that carry them go in a second request, posted as soon as they are
+                # placed, while the payload may still be in flight (one device round trip less),
+                # and both end before any rename.
                 if self._hasher is None:
                     self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-nixl-digest")
-                pending = self._hasher.submit(lambda: [seal() for seal in sealers])
-                try:
-                    transfer_rows(core.agent, "WRITE", hm[:0], hf[:0], pm, pf, mem_type)
-                finally:
-                    headers = pending.result()  # never leave the thread reading freed memory
-                place_headers(headers)
-                transfer_rows(core.agent, "WRITE", hm, hf, pm[:0], pf[:0], mem_type)
+
+                def seal_headers() -> tuple[np.ndarray, np.ndarray]:
+                    place_headers([seal() for seal in sealers])
+                    return planning.dram_rows(hm, hf, pm[:0], pf[:0])
+
+                core.agent.transfer_pair("WRITE", planning.dram_rows(hm[:0], hf[:0], pm, pf), mem_type,
+                                         self._hasher.submit(seal_headers))
             else:
                 place_headers([seal() for seal in sealers])
                 transfer_rows(core.agent, "WRITE", hm, hf, pm, pf, mem_type)
