@@ -167,7 +167,6 @@ def decode_header(buf: bytes | memoryview) -> BlockHeader:
     )
 
 
-
 class HeaderMatcher:
     """Checks plain (version 1) headers of one namespace against what the reader expects, in
     one pass over the decoded map.
