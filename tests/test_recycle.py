@@ -181,6 +181,76 @@ def test_one_pool_file_goes_to_one_claimer(tmp_path: Path) -> None:
     store.close()
 
 
+@pytest.mark.parametrize("first,second", [(0o644, 0o600), (0o600, 0o640)])
+def test_a_recycled_file_gets_the_claiming_stores_mode(tmp_path: Path, first: int, second: int) -> None:
+    """A pool file keeps whatever bits its creator gave it; the store that claims it publishes
+    its block with its own ``file_mode`` (less the umask), as a new file would have."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        root = tmp_path / "root"
+        loose = open_store(root, file_mode=first)
+        loose.put(toks(1, 3), kv_of(1, 3))
+        loose.close()
+        evict_all(root, 1 << 30)
+        # a planted pool file with set-id bits is given plain bits too
+        d = pool_dir(loose.paths, loose.file_bytes)
+        planted = f"{d}/planted{POOL_SUFFIX}"
+        Path(planted).write_bytes(b"\0" * loose.file_bytes)
+        os.chmod(planted, 0o6777)
+        time.sleep(FAST["recycle_after_s"] + 0.05)
+        strict = open_store(root, file_mode=second)
+        new = toks(2, 4)
+        strict.put(new, kv_of(2, 4))
+        assert strict.stats()["chunks_recycled"] == 4
+        assert [stat.S_IMODE(os.stat(strict.block_path(k)).st_mode) for k in strict.keys_for(new)] == [second & ~0o022] * 4
+        r = strict.get(new)
+        assert r.tokens == 4 * C and same_bytes(r.kv, kv_of(2, 4))
+        strict.close()
+    finally:
+        os.umask(old)
+
+
+def test_a_pool_file_whose_mode_cannot_be_set_is_never_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Another user's pool file (fchmod: EPERM) is dropped, not published with foreign bits."""
+    import errno
+
+    def refuse(fd: int, mode: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    old = os.umask(0o022)  # the store reads it at start-up
+    try:
+        store = pooled_store(tmp_path, 2)
+    finally:
+        os.umask(old)
+    for path, _ in pool_files(store.paths):
+        os.chmod(path, 0o666)
+    time.sleep(FAST["recycle_after_s"] + 0.05)
+    monkeypatch.setattr(os, "fchmod", refuse)
+    new = toks(2, 2)
+    with caplog.at_level("WARNING", logger="vua_nixl.recycle"):
+        store.put(new, kv_of(2, 2))
+    assert store.stats()["chunks_recycled"] == 0
+    assert "has mode 666 and cannot be given 644 (Operation not permitted): not recycled" in caplog.text
+    assert list(pool_files(store.paths)) == [] and list(store.paths.tmp.iterdir()) == []
+    r = store.get(new)
+    assert r.tokens == 2 * C and same_bytes(r.kv, kv_of(2, 2))
+    store.close()
+
+
+def test_process_umask_reads_without_changing_it() -> None:
+    from vua_nixl.safeio import process_umask
+
+    old = os.umask(0o027)
+    try:
+        assert process_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # unchanged by the read
+    finally:
+        os.umask(old)
+
+
 def test_a_failed_write_into_a_recycled_file_publishes_nothing(tmp_path: Path) -> None:
     store = pooled_store(tmp_path, 3)
     time.sleep(FAST["recycle_after_s"] + 0.05)

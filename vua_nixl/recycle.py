@@ -16,7 +16,8 @@ without giving up the rules readers rely on:
 * **A claim is one atomic rename** of a pool file to the claimer's own temporary name: two
   hosts cannot both win it. The file is then opened without following links and must be a
   regular file of exactly the expected size with one link: a neighbour's hard link to a
-  published block, planted in the pool, is never written through.
+  published block, planted in the pool, is never written through. It is given the claimer's
+  own permission bits (``file_mode`` less the umask) or, where it may not be, dropped.
 * **The pool counts against the root's capacity** (as in-flight bytes, like temporaries), the
   pruner keeps room for it below the limit instead of overshooting, and ``gc`` releases pool
   files older than ``tmp_max_age_s``.
@@ -37,7 +38,7 @@ from typing import Callable, Iterator, Optional
 
 from vua_nixl.errors import StoreRootError
 from vua_nixl.paths import StorePaths, namespace_id, note_odd_name, this_host
-from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular
+from vua_nixl.safeio import NotRegularFileError, checked_dir, open_checked
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,12 @@ class RecyclePool:
     fstat per recycled file, and one ``stat`` of the directory while the pool is empty or
     young."""
 
-    def __init__(self, paths: StorePaths, after_s: float):
+    def __init__(self, paths: StorePaths, after_s: float, mode: Optional[int] = None):
         self.paths = paths
         self.after_s = after_s
+        #: Permission bits a claimed file is given (a new file's: ``file_mode`` less the umask);
+        #: a pool file keeps the bits of whoever created it, maybe another store's looser ones.
+        self.mode = mode
         #: The time pool files are aged against (benchmarks age the pool with it instead of sleeping).
         self.clock: Callable[[], float] = time.time
         self._lists: dict[int, _Listing] = {}
@@ -205,19 +209,29 @@ class RecyclePool:
             log.debug("cannot claim %s: %s", src, exc)
             return None
         try:
-            fd = open_regular(tmp, flags, plain=True)
+            fd, st = open_checked(tmp, flags, plain=True)
         except (NotRegularFileError, OSError) as exc:
             if not isinstance(exc, NotRegularFileError) and exc.errno not in (errno.EACCES, errno.EPERM, errno.ELOOP):
                 log.debug("cannot open claimed pool file %s: %s", tmp, exc)
             _unlink(tmp)
             return None
-        st = os.fstat(fd)
         if st.st_size != size or st.st_nlink != 1:
             # A hard link to a published block (or anything else) must not be written through.
             log.warning("pool file %s has %d links and %d bytes: not recycled", src, st.st_nlink, st.st_size)
             os.close(fd)
             _unlink(tmp)
             return None
+        if self.mode is not None and stat.S_IMODE(st.st_mode) != self.mode:
+            # The block must be as private as a new file would be: a store with file_mode 0600
+            # must not publish its KV in a 0644 file another store pooled.
+            try:
+                os.fchmod(fd, self.mode)
+            except OSError as exc:  # not ours to change (another user's file): never written
+                log.warning("pool file %s has mode %o and cannot be given %o (%s): not recycled",
+                            src, stat.S_IMODE(st.st_mode), self.mode, exc.strerror)
+                os.close(fd)
+                _unlink(tmp)
+                return None
         return fd
 
 

@@ -35,6 +35,13 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, *, plai
     regular file or raise :class:`NotRegularFileError` (``FileNotFoundError`` passes through).
     ``plain``: return instead a descriptor of the same checked file opened with ``flags`` alone
     (:func:`reopen_plain`), for consumers that refuse the guarding flags (cuFile)."""
+    return open_checked(path, flags, plain=plain)[0]
+
+
+def open_checked(path: str | os.PathLike[str], flags: int = os.O_RDONLY, *,
+                 plain: bool = False) -> tuple[int, os.stat_result]:
+    """:func:`open_regular`, also returning the ``fstat`` the check took: callers that need the
+    size or identity (a read opens every block of a prefix) save a second ``fstat``."""
     try:
         fd = os.open(path, flags | _FLAGS)
     except OSError as exc:
@@ -51,10 +58,25 @@ def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, *, plai
         raise NotRegularFileError(errno.EINVAL, f"is not a regular file (mode {stat.filemode(st.st_mode)})", os.fspath(path))
     if plain:
         try:
-            return reopen_plain(fd, flags)
+            return reopen_plain(fd, flags), st
         finally:
             os.close(fd)
-    return fd
+    return fd, st
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it (``/proc/self/status``; elsewhere the
+    classic set-and-restore, which is not thread-safe, so call it once, early)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def reopen_plain(fd: int, flags: int) -> int:

@@ -35,7 +35,7 @@ from vua_nixl.errors import CorruptBlockError, NewerFormatError, TransferError, 
 from vua_nixl.format import BlockHeader, HeaderMatcher, decode_header
 from vua_nixl.kvlayout import token_dim
 from vua_nixl.paths import StorePaths
-from vua_nixl.safeio import NotRegularFileError, checked_dir, open_regular
+from vua_nixl.safeio import NotRegularFileError, checked_dir, open_checked
 from vua_nixl.store import planning
 from vua_nixl.store.core import StoreCore, on_device
 from vua_nixl.store.planning import Arena, Plan, dram_rows, read_rows, transfer_rows
@@ -121,7 +121,7 @@ class BlockReader:
         for key in plan.keys:
             path = core.block_path(key)
             try:
-                fd = open_regular(path, flags, plain=core.agent.plain_fds_only)  # cuFile refuses guarded fds
+                fd, st = open_checked(path, flags, plain=core.agent.plain_fds_only)  # cuFile refuses guarded fds
             except FileNotFoundError:
                 core.presence.forget([key])
                 break
@@ -132,7 +132,6 @@ class BlockReader:
                 log.warning("cannot open %s: %s", path, exc.strerror)
                 core.bump(io_errors=1)
                 break
-            st = os.fstat(fd)
             size = st.st_size
             if size != core.geo.file_bytes:
                 self.quarantine(path, f"size {size} != expected {core.geo.file_bytes}", fd)

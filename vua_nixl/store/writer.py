@@ -37,7 +37,7 @@ from vua_nixl.errors import StoreRootError, VuaNixlError
 from vua_nixl.format import ExpectedBlock, encode_header
 from vua_nixl.kvlayout import token_dim
 from vua_nixl.recycle import RecyclePool
-from vua_nixl.safeio import checked_dir
+from vua_nixl.safeio import checked_dir, process_umask
 from vua_nixl.store import planning
 from vua_nixl.store.core import StoreCore, describe_oserror, on_device
 from vua_nixl.store.observers import StoredChunk
@@ -55,7 +55,8 @@ class BlockWriter:
         self._checked: set[str] = set()  # fan-out directories verified to be inside the root
         self._hasher: Optional[ThreadPoolExecutor] = None
         self._slabs = planning.LaneSlabs()  # staged writes
-        self._pool = RecyclePool(core.paths, core.config.recycle_after_s)  # evicted files to overwrite
+        # Evicted files to overwrite, given the bits a new file gets (the umask as at start-up).
+        self._pool = RecyclePool(core.paths, core.config.recycle_after_s, core.config.file_mode & ~process_umask())
 
     def close(self) -> None:
         if self._hasher is not None:
