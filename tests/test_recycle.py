@@ -251,6 +251,26 @@ def test_process_umask_reads_without_changing_it() -> None:
         os.umask(old)
 
 
+@pytest.mark.parametrize("plain", [True, False])
+def test_a_claimed_file_is_open_without_o_nonblock(tmp_path: Path, plain: bool) -> None:
+    """io_uring fails a write that must wait on an O_NONBLOCK descriptor with EAGAIN: the
+    claimed descriptor carries ``flags`` alone, reopened (cuFile) or with the flag cleared."""
+    import fcntl
+
+    store = pooled_store(tmp_path, 1)
+    pool = RecyclePool(store.paths, 0.3)
+    name = str(store.paths.tmp / "claim.tmp")
+    fds = pool.claim(store.file_bytes, [name], os.O_RDWR, now=time.time() + 1000, plain=plain)
+    assert len(fds) == 1
+    try:
+        assert fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_NONBLOCK == 0
+        assert os.pwrite(fds[0], b"\xab" * 4096, 0) == 4096
+        assert Path(name).read_bytes()[:4096] == b"\xab" * 4096
+    finally:
+        os.close(fds[0])
+    store.close()
+
+
 def test_a_failed_write_into_a_recycled_file_publishes_nothing(tmp_path: Path) -> None:
     store = pooled_store(tmp_path, 3)
     time.sleep(FAST["recycle_after_s"] + 0.05)

@@ -531,6 +531,32 @@ def test_put_from_a_strided_view_without_copying(store):
     assert same_bytes(store.get(toks).kv, view)
 
 
+def test_inner_contiguity_is_torchs_own_rule():
+    """The check that decides copy-or-not compares strides with torch's contiguous strides
+    exactly (size-1 and empty dimensions included), over random views."""
+    import random
+
+    from vua_nixl.kvlayout import _inner_contiguous
+
+    def reference(t: torch.Tensor, tdim: int) -> bool:
+        dense = torch.empty(t.shape[tdim:], device="meta").stride()
+        return list(t.stride()[tdim:]) == list(dense) and all(s > 0 for s in t.stride()[:tdim])
+
+    rng = random.Random(7)
+    seen = {True: 0, False: 0}
+    for _ in range(3000):
+        shape = [rng.choice([0, 1, 2, 3]) for _ in range(rng.randint(1, 5))]
+        base = torch.empty([2 * x + 1 for x in shape])
+        view = base[tuple(slice(0, x * rng.choice([1, 2]), rng.choice([1, 1, 2])) for x in shape)]
+        if view.ndim > 1 and rng.random() < 0.3:
+            view = view.transpose(0, view.ndim - 1)
+        tdim = rng.randrange(view.ndim)
+        want = reference(view, tdim)
+        assert _inner_contiguous(view, tdim) is want, (tuple(view.shape), view.stride(), tdim)
+        seen[want] += 1
+    assert min(seen.values()) > 300  # both answers were exercised
+
+
 def test_puts_and_gets_spanning_several_transfer_batches(store, monkeypatch):
     import vua_nixl.store.planning as store_mod
 

@@ -113,10 +113,14 @@ def to_canonical(kv: Any, layout: KVLayout, dtype: str, num_tokens: int) -> torc
 
 
 def _inner_contiguous(t: torch.Tensor, tdim: int) -> bool:
-    inner = t.shape[tdim:]
-    return list(t.stride()[tdim:]) == list(torch.empty(inner, device="meta").stride()) and all(
-        s > 0 for s in t.stride()[:tdim]
-    )
+    """Whether ``t`` is contiguous from dimension ``tdim`` inward (every put and get asks)."""
+    shape, strides = t.shape, t.stride()
+    want = 1
+    for d in range(t.ndim - 1, tdim - 1, -1):  # torch's own contiguous strides, exactly
+        if strides[d] != want:
+            return False
+        want *= max(shape[d], 1)
+    return all(s > 0 for s in strides[:tdim])
 
 
 def from_canonical_layers(t: torch.Tensor, mla: bool) -> list[Any]:

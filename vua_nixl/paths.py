@@ -63,7 +63,7 @@ class StorePaths:
 
     def tmp_file(self, key_hex: str) -> str:
         # <key>.<host>.<pid>.<ns>-<rand>.tmp: <ns> says which boot and PID namespace <pid> is in
-        return f"{self.tmp}/{key_hex}.{_HOST}.{os.getpid()}.{namespace_id()}-{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+        return f"{self.tmp}/{key_hex}.{writer_tag()}-{os.urandom(6).hex()}{TMP_SUFFIX}"
 
     def quarantine_file(self, key_hex: str) -> str:
         return f"{self.quarantine}/{key_hex}.{int(time.time() * 1000)}{BLOCK_SUFFIX}"
@@ -272,6 +272,20 @@ def parse_tmp_name(name: str) -> Optional[WriterId]:
 
 def this_host() -> str:
     return _HOST
+
+
+_WRITER_TAG: tuple[int, str] = (-1, "")
+
+
+def writer_tag() -> str:
+    """``<host>.<pid>.<ns>``: who wrote a temporary or pooled file (every put names one per
+    chunk). Made once per process: a fork has its own pid, and a process never changes PID
+    namespace (``unshare``/``setns`` move only its children)."""
+    global _WRITER_TAG
+    pid = os.getpid()
+    if _WRITER_TAG[0] != pid:
+        _WRITER_TAG = (pid, f"{_HOST}.{pid}.{namespace_id()}")
+    return _WRITER_TAG[1]
 
 
 def _read_boot_id() -> str:

@@ -28,16 +28,16 @@ Pool file names are ``<host>.<pid>.<ns>-<random>.pool``: who evicted them, for i
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 from vua_nixl.errors import StoreRootError
-from vua_nixl.paths import StorePaths, namespace_id, note_odd_name, this_host
+from vua_nixl.paths import StorePaths, note_odd_name, writer_tag
 from vua_nixl.safeio import NotRegularFileError, checked_dir, open_checked
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def give(paths: StorePaths, path: str, checked: Optional[set[str]] = None) -> bo
             return False
         if checked is not None:
             checked.add(d)
-    os.replace(path, f"{d}/{this_host()}.{os.getpid()}.{namespace_id()}-{uuid.uuid4().hex[:12]}{POOL_SUFFIX}")
+    os.replace(path, f"{d}/{writer_tag()}-{os.urandom(6).hex()}{POOL_SUFFIX}")
     return True
 
 
@@ -153,12 +153,16 @@ class RecyclePool:
         self.clock: Callable[[], float] = time.time
         self._lists: dict[int, _Listing] = {}
 
-    def claim(self, size: int, tmp_names: list[str], flags: int, *, now: Optional[float] = None) -> list[int]:
+    def claim(self, size: int, tmp_names: list[str], flags: int, *, now: Optional[float] = None,
+              plain: bool = True) -> list[int]:
         """Rename up to ``len(tmp_names)`` old-enough pool files of ``size`` bytes to the first of
         ``tmp_names``, in order, and open each with ``flags``; return their fds (fewer when the
-        pool runs short: the caller creates the rest as new files). Each fd is opened with
-        ``flags`` alone once checked, like a new file's: io_uring turns ``O_NONBLOCK`` into
-        EAGAIN for a write that must wait, and cuFile refuses it."""
+        pool runs short: the caller creates the rest as new files). Each fd ends with ``flags``
+        alone once checked, like a new file's: io_uring turns ``O_NONBLOCK`` into EAGAIN for a
+        write that must wait, and cuFile refuses it. ``plain``: a second descriptor opened
+        without the guarding flags (cuFile also refuses ``O_NOFOLLOW``, which cannot be cleared);
+        otherwise the checked descriptor itself, its ``O_NONBLOCK`` cleared (one syscall
+        instead of an open and a close)."""
         now = self.clock() if now is None else now
         listing = self._lists.setdefault(size, _Listing())
         fds: list[int] = []
@@ -169,7 +173,7 @@ class RecyclePool:
                 self._list(size, listing, now)
                 if not listing.ready:
                     break
-            fd = self._take(listing.ready.pop(0), tmp_names[len(fds)], size, flags)
+            fd = self._take(listing.ready.pop(0), tmp_names[len(fds)], size, flags, plain)
             if fd is not None:
                 fds.append(fd)
         return fds
@@ -198,7 +202,7 @@ class RecyclePool:
                 listing.not_before = min(listing.not_before, st.st_ctime + self.after_s)
         listing.ready = [p for _, p in sorted(ready)]
 
-    def _take(self, src: str, tmp: str, size: int, flags: int) -> Optional[int]:
+    def _take(self, src: str, tmp: str, size: int, flags: int, plain: bool = True) -> Optional[int]:
         """Claim one pool file as ``tmp``: the rename decides who wins; then the file must be
         what a block file is (regular, ``size`` bytes, not linked anywhere else)."""
         try:
@@ -209,12 +213,20 @@ class RecyclePool:
             log.debug("cannot claim %s: %s", src, exc)
             return None
         try:
-            fd, st = open_checked(tmp, flags, plain=True)
+            fd, st = open_checked(tmp, flags, plain=plain)
         except (NotRegularFileError, OSError) as exc:
             if not isinstance(exc, NotRegularFileError) and exc.errno not in (errno.EACCES, errno.EPERM, errno.ELOOP):
                 log.debug("cannot open claimed pool file %s: %s", tmp, exc)
             _unlink(tmp)
             return None
+        if not plain:
+            try:  # the status flags become ``flags``'s own (O_DIRECT kept): O_NONBLOCK goes
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+            except OSError as exc:
+                log.debug("cannot clear O_NONBLOCK on claimed pool file %s: %s", tmp, exc)
+                os.close(fd)
+                _unlink(tmp)
+                return None
         if st.st_size != size or st.st_nlink != 1:
             # A hard link to a published block (or anything else) must not be written through.
             log.warning("pool file %s has %d links and %d bytes: not recycled", src, st.st_nlink, st.st_size)

@@ -105,7 +105,7 @@ class BlockWriter:
         try:
             with arena.lock:
                 names = [core.paths.tmp_file(key.hex()) for key, _ in jobs]
-                fds = self._pool.claim(geo.file_bytes, names, flags)
+                fds = self._pool.claim(geo.file_bytes, names, flags, plain=core.agent.plain_fds_only)
                 temps = names[: len(fds)]
                 recycled = len(fds)
                 for tmp in names[len(fds):]:
