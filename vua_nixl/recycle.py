@@ -224,14 +224,12 @@ class RecyclePool:
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags)
             except OSError as exc:
                 log.debug("cannot clear O_NONBLOCK on claimed pool file %s: %s", tmp, exc)
-                os.close(fd)
-                _unlink(tmp)
+                _drop(fd, tmp)
                 return None
         if st.st_size != size or st.st_nlink != 1:
             # A hard link to a published block (or anything else) must not be written through.
             log.warning("pool file %s has %d links and %d bytes: not recycled", src, st.st_nlink, st.st_size)
-            os.close(fd)
-            _unlink(tmp)
+            _drop(fd, tmp)
             return None
         if self.mode is not None and stat.S_IMODE(st.st_mode) != self.mode:
             # The block must be as private as a new file would be: a store with file_mode 0600
@@ -241,8 +239,7 @@ class RecyclePool:
             except OSError as exc:  # not ours to change (another user's file): never written
                 log.warning("pool file %s has mode %o and cannot be given %o (%s): not recycled",
                             src, stat.S_IMODE(st.st_mode), self.mode, exc.strerror)
-                os.close(fd)
-                _unlink(tmp)
+                _drop(fd, tmp)
                 return None
         return fd
 
@@ -252,6 +249,12 @@ def _mtime_ns(path: str) -> int:
         return os.stat(path).st_mtime_ns
     except OSError:
         return -1
+
+
+def _drop(fd: int, tmp: str) -> None:
+    """Give up a claimed pool file that must not be written: close it and unlink its temporary."""
+    os.close(fd)
+    _unlink(tmp)
 
 
 def _unlink(path: str) -> None:
