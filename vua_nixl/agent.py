@@ -448,6 +448,24 @@ class NixlAgent:
                     except TransferError:
                         pass
 
+    @contextmanager
+    def requests(self, op: str, mem_type: str = "DRAM") -> Iterator["RequestGroup"]:
+        """Several requests in flight at once, posted as their rows become ready (a writer
+        posts each chunk as soon as its file is open, instead of after opening them all).
+        Leaving the block waits for every posted request (:meth:`RequestGroup.wait`, raising
+        TransferError for a failed one); leaving it by an error first lets every posted
+        request end, so no I/O is left using memory or files the caller is about to reuse.
+        POSIX only: GDS splits requests (use :meth:`transfer`)."""
+        if self.backend in GDS_BACKENDS:
+            raise TransferError(f"{self.backend} requests are split and run one at a time: use transfer()")
+        group = RequestGroup(self, op, mem_type)
+        try:
+            yield group
+        except BaseException:
+            group.drain()
+            raise
+        group.wait()
+
     def transfer_overlapped(self, op: str, batches: Sequence[tuple[np.ndarray, np.ndarray]], mem_type: str,
                             work: Callable[[int], None], ahead: int = 1) -> None:
         """:meth:`transfer` each (mem_descs, file_descs) batch in order, with ``ahead`` more
@@ -672,3 +690,37 @@ def gds_mode() -> str:
         return "compat"
     return "p2p" if glob.glob("/dev/nvidia-fs*") else "compat"
 
+
+class RequestGroup:
+    """Requests posted one by one through an agent and waited for together
+    (:meth:`NixlAgent.requests`)."""
+
+    def __init__(self, agent: NixlAgent, op: str, mem_type: str):
+        self._agent, self._op, self._mem_type = agent, op, mem_type
+        self._pending: list[tuple[Any, int]] = []
+
+    def post(self, mem_descs: np.ndarray, file_descs: np.ndarray) -> None:
+        """Post one request now (rows as in :meth:`NixlAgent.transfer`); it runs while the
+        caller prepares the next."""
+        if len(mem_descs):
+            self._pending.append((self._agent._post(self._op, mem_descs, file_descs, self._mem_type), len(mem_descs)))
+
+    def wait(self) -> None:
+        """Return when every posted request has moved all its bytes; raise TransferError for
+        the first that failed, after all have ended."""
+        error: Optional[TransferError] = None
+        while self._pending:
+            handle, n = self._pending.pop(0)
+            try:
+                self._agent._finish(handle, self._op, n)
+            except TransferError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def drain(self) -> None:
+        """Let every posted request end, ignoring how (the caller is already failing)."""
+        try:
+            self.wait()
+        except TransferError:
+            pass

@@ -164,19 +164,30 @@ class RecyclePool:
         otherwise the checked descriptor itself, its ``O_NONBLOCK`` cleared (one syscall
         instead of an open and a close)."""
         now = self.clock() if now is None else now
-        listing = self._lists.setdefault(size, _Listing())
         fds: list[int] = []
-        while len(fds) < len(tmp_names):
+        for tmp in tmp_names:
+            fd = self.claim_one(size, tmp, flags, now=now, plain=plain)
+            if fd is None:
+                break
+            fds.append(fd)
+        return fds
+
+    def claim_one(self, size: int, tmp_name: str, flags: int, *, now: Optional[float] = None,
+                  plain: bool = True) -> Optional[int]:
+        """:meth:`claim` of one file: its fd, or None when the pool has none old enough (a
+        writer that posts each chunk as soon as its file is open claims them one by one)."""
+        now = self.clock() if now is None else now
+        listing = self._lists.setdefault(size, _Listing())
+        while True:
             if not listing.ready:
                 if now < listing.not_before and _mtime_ns(pool_dir(self.paths, size)) == listing.mtime_ns:
-                    break
+                    return None
                 self._list(size, listing, now)
                 if not listing.ready:
-                    break
-            fd = self._take(listing.ready.pop(0), tmp_names[len(fds)], size, flags, plain)
+                    return None
+            fd = self._take(listing.ready.pop(0), tmp_name, size, flags, plain)
             if fd is not None:
-                fds.append(fd)
-        return fds
+                return fd
 
     def _list(self, size: int, listing: _Listing, now: float) -> None:
         d = pool_dir(self.paths, size)

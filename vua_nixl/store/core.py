@@ -194,6 +194,13 @@ class StoreCore:
                 lane.close()
             self._lanes.clear()
 
+    def streams_writes(self) -> bool:
+        """Whether writes from host memory are posted sub-batch by sub-batch as their files
+        open (``BlockWriter._write_streamed``): O_DIRECT POSIX, where the device is the limit
+        and idle while a batch's files are opened. Through the page cache a POSIX request is
+        copied as it is posted, so nothing would overlap, and lanes copy in parallel instead."""
+        return self.direct and self.agent.backend == "POSIX"
+
     def stages_files(self) -> bool:
         """Whether this store's block files move whole through lane slabs (``stage_max_kib``):
         POSIX page-cache I/O of files up to the limit. Callers add what their direction needs

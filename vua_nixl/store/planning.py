@@ -335,20 +335,31 @@ def coalesce(mem: np.ndarray, fil: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dram_rows(hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray, pay_f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One host-memory request's rows: headers and payloads, each coalesced."""
+    """One host-memory request's rows: headers and payloads, each coalesced, file by file:
+    each header right before its own payload. The device then sees each file's I/Os in file
+    order, and a header can merge with the payload after it on disk: with every header first,
+    four 4 MiB O_DIRECT writes took 0.5-0.7 ms (8-10%) longer here (docs/BENCHMARKS.md)."""
     hm, hf = coalesce(hdr_m, hdr_f)
     pm, pf = coalesce(pay_m, pay_f)
-    return np.concatenate([hm, pm]), np.concatenate([hf, pf])
+    if len(hm) == 0 or len(pm) == 0:
+        return np.concatenate([hm, pm]), np.concatenate([hf, pf])
+    # A header row per file (distinct descriptors: one file per chunk), payload rows of those
+    # files: a payload row goes after its file's header.
+    fds = hf[:, 2]
+    by_fd = np.argsort(fds, kind="stable")
+    where = by_fd[np.searchsorted(fds, pf[:, 2], sorter=by_fd)]
+    order = np.argsort(np.concatenate([2 * np.arange(len(hf)), 2 * where + 1]), kind="stable")
+    return np.concatenate([hm, pm])[order], np.concatenate([hf, pf])[order]
 
 
 def transfer_rows(agent: NixlAgent, op: str, hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray,
                   pay_f: np.ndarray, mem_type: str) -> None:
     """Move block headers (always host memory) and payloads (host or GPU) of a batch."""
-    hm, hf = coalesce(hdr_m, hdr_f)
-    pm, pf = coalesce(pay_m, pay_f)
     if mem_type == "DRAM":  # one request for everything
-        agent.transfer(op, np.concatenate([hm, pm]), np.concatenate([hf, pf]), "DRAM")
+        agent.transfer(op, *dram_rows(hdr_m, hdr_f, pay_m, pay_f), "DRAM")
     else:  # GDS: headers from host memory, payloads straight between GPU and storage
+        hm, hf = coalesce(hdr_m, hdr_f)
+        pm, pf = coalesce(pay_m, pay_f)
         agent.transfer(op, hm, hf, "DRAM")
         agent.transfer(op, pm, pf, mem_type)
 
