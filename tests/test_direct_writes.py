@@ -135,18 +135,21 @@ def test_a_failure_mid_stream_publishes_nothing_and_leaves_nothing(root, monkeyp
 
 def test_dram_rows_put_each_header_before_its_own_payload():
     """Headers of files 5, 9, 3 and their payload rows (two per file, file 3's merged by
-    coalescing) come out file by file, each header first, payload rows in their order."""
+    coalescing) come out file by file, each header first, payload rows in their order (what
+    O_DIRECT writes want); by default every header comes first (what reads keep)."""
     hm = np.array([[0, 4096, 0], [4096, 4096, 0], [8192, 4096, 0]], dtype=np.uint64)
     hf = np.array([[0, 4096, 5], [0, 4096, 9], [0, 4096, 3]], dtype=np.uint64)
     pm = np.array([[1 << 20, 8192, 0], [3 << 20, 8192, 0], [5 << 20, 8192, 0],
                    [7 << 20, 8192, 0], [9 << 20, 8192, 0], [(9 << 20) + 8192, 8192, 0]], dtype=np.uint64)
     pf = np.array([[4096, 8192, 5], [12288, 8192, 5], [4096, 8192, 9],
                    [12288, 8192, 9], [4096, 8192, 3], [12288, 8192, 3]], dtype=np.uint64)
-    m, f = planning.dram_rows(hm, hf, pm, pf)
+    m, f = planning.dram_rows(hm, hf, pm, pf, by_file=True)
     assert [(int(o), int(n), int(fd)) for o, n, fd in f] == [
         (0, 4096, 5), (4096, 8192, 5), (12288, 8192, 5),
         (0, 4096, 9), (4096, 8192, 9), (12288, 8192, 9),
         (0, 4096, 3), (4096, 16384, 3)]
     assert [int(a) for a in m[:, 0]] == [0, 1 << 20, 3 << 20, 4096, 5 << 20, 7 << 20, 8192, 9 << 20]
-    only_payload = planning.dram_rows(hm[:0], hf[:0], pm, pf)
+    only_payload = planning.dram_rows(hm[:0], hf[:0], pm, pf, by_file=True)
     assert only_payload[1][:, 2].tolist() == [5, 5, 9, 9, 3]
+    _, headers_first = planning.dram_rows(hm, hf, pm, pf)  # reads: every header, then the payloads
+    assert headers_first[:, 2].tolist() == [5, 9, 3, 5, 5, 9, 9, 3]

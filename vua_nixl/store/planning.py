@@ -334,14 +334,17 @@ def coalesce(mem: np.ndarray, fil: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return m, f
 
 
-def dram_rows(hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray, pay_f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One host-memory request's rows: headers and payloads, each coalesced, file by file:
-    each header right before its own payload. The device then sees each file's I/Os in file
-    order, and a header can merge with the payload after it on disk: with every header first,
-    four 4 MiB O_DIRECT writes took 0.5-0.7 ms (8-10%) longer here (docs/BENCHMARKS.md)."""
+def dram_rows(hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray, pay_f: np.ndarray,
+              by_file: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One host-memory request's rows: headers and payloads, each coalesced; every header first,
+    or with ``by_file`` file by file, each header right before its own payload. O_DIRECT writes
+    want the latter: the device then sees each file's I/Os in file order, and a header can merge
+    with the payload after it (four 4 MiB writes took 0.5-0.7 ms, 8-10%, longer with every
+    header first here); O_DIRECT reads measured the same or up to 10% slower that way, so they
+    keep the former (docs/BENCHMARKS.md)."""
     hm, hf = coalesce(hdr_m, hdr_f)
     pm, pf = coalesce(pay_m, pay_f)
-    if len(hm) == 0 or len(pm) == 0:
+    if not by_file or len(hm) == 0 or len(pm) == 0:
         return np.concatenate([hm, pm]), np.concatenate([hf, pf])
     # A header row per file (distinct descriptors: one file per chunk), payload rows of those
     # files: a payload row goes after its file's header.
@@ -355,11 +358,11 @@ def dram_rows(hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray, pay_f: np
 def transfer_rows(agent: NixlAgent, op: str, hdr_m: np.ndarray, hdr_f: np.ndarray, pay_m: np.ndarray,
                   pay_f: np.ndarray, mem_type: str) -> None:
     """Move block headers (always host memory) and payloads (host or GPU) of a batch."""
+    hm, hf = coalesce(hdr_m, hdr_f)
+    pm, pf = coalesce(pay_m, pay_f)
     if mem_type == "DRAM":  # one request for everything
-        agent.transfer(op, *dram_rows(hdr_m, hdr_f, pay_m, pay_f), "DRAM")
+        agent.transfer(op, np.concatenate([hm, pm]), np.concatenate([hf, pf]), "DRAM")
     else:  # GDS: headers from host memory, payloads straight between GPU and storage
-        hm, hf = coalesce(hdr_m, hdr_f)
-        pm, pf = coalesce(pay_m, pay_f)
         agent.transfer(op, hm, hf, "DRAM")
         agent.transfer(op, pm, pf, mem_type)
 

@@ -271,7 +271,7 @@ class BlockWriter:
                     else:
                         for j, seal in enumerate(sealers, lo):
                             _place(arena, j * poff, seal())
-                        requests.post(*planning.dram_rows(hm, hf, pm, pf))
+                        requests.post(*planning.dram_rows(hm, hf, pm, pf, by_file=True))
                 if aside:
                     for j, sealed in enumerate(sealing):
                         _place(arena, j * poff, sealed.result())
