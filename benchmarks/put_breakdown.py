@@ -13,9 +13,11 @@ background load:
              POSIX I/O engine of the NIXL backend (``--engines``, StoreConfig.posix_io: io_uring,
              libaio, synchronous), one store each, same run, serial (``io_lanes=1``,
              ``hash_overlap=inline``: the steps add up to the put; the default spreads them
-             over threads, see benchmarks/store_io.py); the write path
-             instrumented in place: every step below is timed by wrapping the function the writer
-             calls (nothing in the store is changed):
+             over threads, see benchmarks/store_io.py) and in place (``stage_max_kib=0``: by
+             default files up to 4.5 MiB are staged, gathered and digested in a slab, which the
+             steps below do not see); the write path instrumented in place: every step below
+             is timed by wrapping the function the writer calls (nothing in the store is
+             changed):
 
     checksum   geo.chunk_checksum (XXH3 of the payload)
     open       os.open of the unique temporary (O_RDWR|O_CREAT|O_EXCL)
@@ -176,7 +178,7 @@ def bench_point(model: str, ctoks: int, total_mib: int, repeat: int, base: Path,
     with ExitStack() as stack:
         stores = {e: stack.enter_context(KVStore(base / f"store-{model}-{ctoks}-{e}", ns, chunk_tokens=ctoks, backend="POSIX",
                                                  fsync=fsync, presence_ttl_s=0, access_log=False, posix_io=e,
-                                                 io_lanes=1, hash_overlap="inline"))
+                                                 io_lanes=1, hash_overlap="inline", stage_max_kib=0))
                   for e in engines}
         first = stores[engines[0]]
         poff, geo = first.geometry.payload_off, first.geometry
