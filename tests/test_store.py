@@ -536,7 +536,7 @@ def test_inner_contiguity_is_torchs_own_rule():
     exactly (size-1 and empty dimensions included), over random views."""
     import random
 
-    from vua_nixl.kvlayout import _inner_contiguous
+    from vua_nixl.kvlayout import inner_contiguous
 
     def reference(t: torch.Tensor, tdim: int) -> bool:
         dense = torch.empty(t.shape[tdim:], device="meta").stride()
@@ -552,7 +552,7 @@ def test_inner_contiguity_is_torchs_own_rule():
             view = view.transpose(0, view.ndim - 1)
         tdim = rng.randrange(view.ndim)
         want = reference(view, tdim)
-        assert _inner_contiguous(view, tdim) is want, (tuple(view.shape), view.stride(), tdim)
+        assert inner_contiguous(view, tdim) is want, (tuple(view.shape), view.stride(), tdim)
         seen[want] += 1
     assert min(seen.values()) > 300  # both answers were exercised
 

@@ -109,11 +109,13 @@ def to_canonical(kv: Any, layout: KVLayout, dtype: str, num_tokens: int) -> torc
         raise InvalidInputError(f"token count {num_tokens} does not match KV length {tokens_in_kv}")
     # The store addresses each (layer, K/V) segment through strides, so a view that is contiguous
     # from the token dimension inward (e.g. consecutive blocks of a paged cache) needs no copy.
-    return t if _inner_contiguous(t, token_dim(layout)) else t.contiguous()
+    return t if inner_contiguous(t, token_dim(layout)) else t.contiguous()
 
 
-def _inner_contiguous(t: torch.Tensor, tdim: int) -> bool:
-    """Whether ``t`` is contiguous from dimension ``tdim`` inward (every put and get asks)."""
+def inner_contiguous(t: torch.Tensor, tdim: int) -> bool:
+    """Whether ``t`` is contiguous from dimension ``tdim`` inward, with positive outer strides:
+    what a caller's buffer must be for the store to read into it in place (every put and get
+    asks; so does the SGLang backend before it hands a host page over as ``out``)."""
     shape, strides = t.shape, t.stride()
     want = 1
     for d in range(t.ndim - 1, tdim - 1, -1):  # torch's own contiguous strides, exactly
@@ -147,7 +149,7 @@ def check_out(out: torch.Tensor, layout: KVLayout, dtype: str) -> int:
     tdim = token_dim(layout)
     if out.ndim != len(layout.token_shape()) or tuple(out.shape) != layout.shape(out.shape[tdim]):
         raise LayoutMismatchError(f"out shape {tuple(out.shape)} is not {_shape_doc(layout)} for this namespace")
-    if not _inner_contiguous(out, tdim):
+    if not inner_contiguous(out, tdim):
         raise InvalidInputError("out must be contiguous from the token dimension inward")
     if not non_overlapping(out):
         raise InvalidInputError("out has overlapping strides (two elements share memory); give a dense buffer")

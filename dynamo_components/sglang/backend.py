@@ -25,6 +25,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 from dynamo_components.sglang.pagekeys import key_bits, page_tokens
 from dynamo_components.sglang.pages import PageGeometry, geometry
 from dynamo_components.sglang.settings import BackendSettings, namespace_for, open_store, settings_from
+from vua_nixl.kvlayout import inner_contiguous, non_overlapping
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ class VuaNixlHiCacheStorage(HiCacheStorage):
         if store is None or target_location is None or self.geo is None:
             return None
         canon = self.geo.flat_view(target_location)
-        res = store.get(page_tokens(key, self.page_size), out=canon if _inner_contiguous(canon, self.geo.mla) else None)
+        in_place = inner_contiguous(canon, 1 if self.geo.mla else 2) and non_overlapping(canon)
+        res = store.get(page_tokens(key, self.page_size), out=canon if in_place else None)
         if res.tokens != self.page_size or res.kv is None:
             return None
         if res.kv.data_ptr() != canon.data_ptr():
@@ -247,9 +249,3 @@ def _leading_run(ok: list[bool], n: int) -> List[bool]:
         out.append(True)
     return out + [False] * (n - len(out))
 
-
-def _inner_contiguous(t: torch.Tensor, mla: bool) -> bool:
-    tdim = 1 if mla else 2
-    inner = t.shape[tdim:]
-    expect = torch.empty(inner, device="meta").stride()
-    return tuple(t.stride()[tdim:]) == tuple(expect)
