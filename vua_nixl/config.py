@@ -102,8 +102,8 @@ class StoreConfig(TypedConfig):
         "is spread over (0: auto, one per usable CPU up to 4 while a CPU is idle; 1: a single agent)")
     pipeline_kib: Optional[int] = Field(
         default=None, ge=1, description="bytes (KiB) per pipelined sub-batch: each is verified right after it moved, "
-        "while still in the CPU's cache (unset: 2048, measured best on a 2-CPU host; hosts with larger caches may "
-        "gain from more)")
+        "while still in the CPU's cache, and an O_DIRECT put posts each as soon as its files are open (unset: 2048, "
+        "measured best on a 2-CPU host; hosts with larger caches may gain from more)")
     stage_max_kib: int = Field(
         default=4608, ge=0, description="block files up to this size (KiB), page cache and host memory, move whole, one "
         "descriptor per file, through a registered slab of the lane that moves them: a put gathers each chunk there "
