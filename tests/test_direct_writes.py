@@ -44,8 +44,7 @@ def root(tmp_path: Path) -> Path:
 
 def _leftovers(root: Path) -> list[str]:
     """Temporaries and published blocks under ``root`` (what a failed put must not leave)."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and (p.suffix == ".tmp" or p.parent.parent.parent.name == "blocks"))
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix in (".tmp", ".kvb"))
 
 
 def _fd_path(fd: int) -> str:
@@ -90,6 +89,7 @@ def test_each_chunk_is_posted_as_soon_as_its_file_is_open(root, monkeypatch, ove
         out = aligned_empty(LAYOUT.shape(4 * CHUNK), torch.bfloat16)
         assert s.get(toks, out=out).tokens == 4 * CHUNK
         assert same_bytes(out, kv)
+    assert len(_leftovers(root)) == 4 and all(p.endswith(".kvb") for p in _leftovers(root))  # what the check sees
 
 
 @pytest.mark.parametrize("overlap", ["inline", "thread"])
