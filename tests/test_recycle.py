@@ -173,11 +173,11 @@ def test_one_pool_file_goes_to_one_claimer(tmp_path: Path) -> None:
     for pool in (a, b):
         pool._list(store.file_bytes, pool._lists.setdefault(store.file_bytes, _Listing()), later)
         assert len(pool._lists[store.file_bytes].ready) == 1
-    fa = a.claim(store.file_bytes, names[:1], flags, now=later)
-    fb = b.claim(store.file_bytes, names[1:], flags, now=later)
-    assert len(fa) == 1 and fb == []
-    assert os.fstat(fa[0]).st_size == store.file_bytes and os.path.exists(names[0]) and not os.path.exists(names[1])
-    os.close(fa[0])
+    fa = a.claim_one(store.file_bytes, names[0], flags, now=later)
+    fb = b.claim_one(store.file_bytes, names[1], flags, now=later)
+    assert fa is not None and fb is None
+    assert os.fstat(fa).st_size == store.file_bytes and os.path.exists(names[0]) and not os.path.exists(names[1])
+    os.close(fa)
     store.close()
 
 
@@ -260,14 +260,14 @@ def test_a_claimed_file_is_open_without_o_nonblock(tmp_path: Path, plain: bool) 
     store = pooled_store(tmp_path, 1)
     pool = RecyclePool(store.paths, 0.3)
     name = str(store.paths.tmp / "claim.tmp")
-    fds = pool.claim(store.file_bytes, [name], os.O_RDWR, now=time.time() + 1000, plain=plain)
-    assert len(fds) == 1
+    fd = pool.claim_one(store.file_bytes, name, os.O_RDWR, now=time.time() + 1000, plain=plain)
+    assert fd is not None
     try:
-        assert fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_NONBLOCK == 0
-        assert os.pwrite(fds[0], b"\xab" * 4096, 0) == 4096
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK == 0
+        assert os.pwrite(fd, b"\xab" * 4096, 0) == 4096
         assert Path(name).read_bytes()[:4096] == b"\xab" * 4096
     finally:
-        os.close(fds[0])
+        os.close(fd)
     store.close()
 
 

@@ -139,9 +139,9 @@ class RecyclePool:
 
     A directory listing is cached: files that were old enough are tried in order until they
     run out, and the directory is listed again only when it changed (its mtime) or once the
-    youngest file seen could have aged enough. So a put costs one rename, two opens and one
-    fstat per recycled file, and one ``stat`` of the directory while the pool is empty or
-    young."""
+    youngest file seen could have aged enough. So a put costs one rename, one open (two for
+    cuFile) and one fstat per recycled file, and one ``stat`` of the directory per batch while
+    the pool is empty or young (the writer stops asking at the first miss)."""
 
     def __init__(self, paths: StorePaths, after_s: float, mode: Optional[int] = None):
         self.paths = paths
@@ -153,29 +153,16 @@ class RecyclePool:
         self.clock: Callable[[], float] = time.time
         self._lists: dict[int, _Listing] = {}
 
-    def claim(self, size: int, tmp_names: list[str], flags: int, *, now: Optional[float] = None,
-              plain: bool = True) -> list[int]:
-        """Rename up to ``len(tmp_names)`` old-enough pool files of ``size`` bytes to the first of
-        ``tmp_names``, in order, and open each with ``flags``; return their fds (fewer when the
-        pool runs short: the caller creates the rest as new files). Each fd ends with ``flags``
-        alone once checked, like a new file's: io_uring turns ``O_NONBLOCK`` into EAGAIN for a
-        write that must wait, and cuFile refuses it. ``plain``: a second descriptor opened
-        without the guarding flags (cuFile also refuses ``O_NOFOLLOW``, which cannot be cleared);
-        otherwise the checked descriptor itself, its ``O_NONBLOCK`` cleared (one syscall
-        instead of an open and a close)."""
-        now = self.clock() if now is None else now
-        fds: list[int] = []
-        for tmp in tmp_names:
-            fd = self.claim_one(size, tmp, flags, now=now, plain=plain)
-            if fd is None:
-                break
-            fds.append(fd)
-        return fds
-
     def claim_one(self, size: int, tmp_name: str, flags: int, *, now: Optional[float] = None,
                   plain: bool = True) -> Optional[int]:
-        """:meth:`claim` of one file: its fd, or None when the pool has none old enough (a
-        writer that posts each chunk as soon as its file is open claims them one by one)."""
+        """Rename an old-enough pool file of ``size`` bytes to ``tmp_name`` and open it with
+        ``flags``; return its fd, or None when the pool has none (the caller creates a new
+        file). A writer claims its files one by one, posting each chunk as soon as its file is
+        open. The fd ends with ``flags`` alone once checked, like a new file's: io_uring turns
+        ``O_NONBLOCK`` into EAGAIN for a write that must wait, and cuFile refuses it. ``plain``:
+        a second descriptor opened without the guarding flags (cuFile also refuses
+        ``O_NOFOLLOW``, which cannot be cleared); otherwise the checked descriptor itself, its
+        ``O_NONBLOCK`` cleared (one syscall instead of an open and a close)."""
         now = self.clock() if now is None else now
         listing = self._lists.setdefault(size, _Listing())
         while True:
