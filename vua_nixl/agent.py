@@ -7,7 +7,8 @@ io_uring forbidden by seccomp, O_DIRECT on tmpfs). Every rejected candidate is l
 reason, and an explicitly requested backend that fails is an error, never a silent fallback.
 
 Memory is registered once per tensor storage and reused; file descriptors are registered per
-batch; one transfer request carries every chunk of a batch; completion is polled without sleeps.
+batch; one transfer request carries every chunk of a batch (an O_DIRECT put posts one per
+sub-batch as its files open: :meth:`NixlAgent.requests`); completion is polled without sleeps.
 """
 
 from __future__ import annotations
