@@ -45,8 +45,8 @@ from store_io import chunk_tokens_for, direct_supported, layout_of  # noqa: E402
 
 from vua_nixl import KVStore, Namespace  # noqa: E402
 from vua_nixl.agent import NixlAgent, aligned_empty  # noqa: E402
-from vua_nixl.recycle import give  # noqa: E402
 from vua_nixl_bench.plan import PRESETS  # noqa: E402
+from vua_nixl_bench.recycling import pool_blocks  # noqa: E402
 
 
 def bench_point(model: str, mib: int, batch: int, repeat: int, base: Path) -> dict[str, Any]:
@@ -82,10 +82,9 @@ def bench_point(model: str, mib: int, batch: int, repeat: int, base: Path) -> di
         stream = store._core.streams_writes
 
         def store_round(streamed: bool) -> float:
-            for k in keys:
-                give(store._core.paths, store.block_path(k))
+            for r in reqs:
+                pool_blocks(store, r)  # evicted into the pool, and the pool aged (not slept for)
             store.forget(keys)
-            store._writer._pool.clock = lambda: time.time() + 1e6  # the pool aged, not slept for
             store._core.streams_writes = stream if streamed else (lambda: False)  # type: ignore[method-assign]
             os.sync()
             t0 = time.perf_counter()

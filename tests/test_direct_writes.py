@@ -60,9 +60,9 @@ def test_each_chunk_is_posted_as_soon_as_its_file_is_open(root, monkeypatch, ove
     events: list[tuple[str, ...]] = []
     orig_open = writer.BlockWriter._open_temp
 
-    def open_temp(self, plans, job, tmp, flags, out):
-        orig_open(self, plans, job, tmp, flags, out)
-        events.append(("open", tmp))
+    def open_temp(self, plans, job, out):
+        orig_open(self, plans, job, out)
+        events.append(("open", out.temps[-1]))
 
     monkeypatch.setattr(writer.BlockWriter, "_open_temp", open_temp)
     kv = make_kv(LAYOUT, torch.bfloat16, 4 * CHUNK, seed=5)

@@ -60,6 +60,12 @@ class BlockWriter:
         # Evicted files to overwrite, given the bits a new file gets (the umask as at start-up).
         self._pool = RecyclePool(core.paths, core.config.recycle_after_s, core.config.file_mode & ~process_umask())
 
+    def _digests(self) -> ThreadPoolExecutor:
+        """The helper thread payload digests run on while NIXL moves the bytes (made on first use)."""
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-nixl-digest")
+        return self._hasher
+
     def close(self) -> None:
         if self._hasher is not None:
             self._hasher.shutdown(wait=True)
@@ -98,22 +104,20 @@ class BlockWriter:
         core = self.core
         arena = core.arenas["WRITE"]
         out = _Batch()
-        # Read-write, not write-only: cuFile may read-modify-write a partial 4 KiB block.
-        flags = os.O_RDWR | (_O_DIRECT if core.direct else 0)
         try:
             with arena.lock:
-                names = [core.paths.tmp_file(key.hex()) for key, _ in jobs]
                 mem_type = core.agent.mem_type_of(next(iter(host_mem.values())))
-                if mem_type == "DRAM" and core.streams_writes():
+                staged = mem_type == "DRAM" and core.stages_files()
+                if not staged:  # a staged write copies the KV into a lane slab: nothing of the caller's registered
                     out.regs = core.agent.register_batch([(src, False) for src in host_mem.values()])
-                    self._write_streamed(plans, jobs, host_mem, names, flags, out)
+                if mem_type == "DRAM" and core.streams_writes():
+                    self._write_streamed(plans, jobs, host_mem, out)
                 else:
-                    for name, job in zip(names, jobs):
-                        self._open_temp(plans, job, name, flags, out)
-                    if mem_type == "DRAM" and core.stages_files():
+                    for job in jobs:
+                        self._open_temp(plans, job, out)
+                    if staged:
                         self._write_staged(out.chunks, jobs, host_mem, out.fds)
                     else:
-                        out.regs = core.agent.register_batch([(src, False) for src in host_mem.values()])
                         self._write_in_place(out.chunks, jobs, host_mem, out.fds, mem_type)
             if core.config.fsync:
                 for fd in out.fds:
@@ -150,11 +154,15 @@ class BlockWriter:
             for reg in out.regs:
                 core.agent.release(reg)
 
-    def _open_temp(self, plans: list[Plan], job: Job, tmp: str, flags: int, out: _Batch) -> None:
+    def _open_temp(self, plans: list[Plan], job: Job, out: _Batch) -> None:
         """Open the temporary chunk ``job`` is written into, and note it (and its record) in
         ``out`` at once, so a failure from here on unlinks it: an evicted block file claimed
         from the recycle pool while it has one old enough, else a new, preallocated file."""
         core, geo = self.core, self.core.geo
+        key, (pi, ci) = job
+        tmp = core.paths.tmp_file(key.hex())
+        # Read-write, not write-only: cuFile may read-modify-write a partial 4 KiB block.
+        flags = os.O_RDWR | (_O_DIRECT if core.direct else 0)
         fd = None
         if not out.pool_dry:
             fd = self._pool.claim_one(geo.file_bytes, tmp, flags, plain=core.agent.plain_fds_only)
@@ -166,7 +174,6 @@ class BlockWriter:
         out.fds.append(fd)
         if not recycled:
             _preallocate(fd, geo.file_bytes)
-        key, (pi, ci) = job
         plan, c = plans[pi], geo.chunk_tokens
         out.chunks.append(StoredChunk(ci, key, core.parent_of(plan.keys, ci), plan.tokens[ci * c : (ci + 1) * c],
                                       geo.file_bytes, core.block_path(key), recycled=recycled))
@@ -195,15 +202,12 @@ class BlockWriter:
                 # headers that carry them go in a second request, posted as soon as they are
                 # placed, while the payload may still be in flight (one device round trip less),
                 # and both end before any rename.
-                if self._hasher is None:
-                    self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-nixl-digest")
-
                 def seal_headers() -> tuple[np.ndarray, np.ndarray]:
                     place_headers([seal() for seal in sealers])
                     return planning.dram_rows(hm, hf, pm[:0], pf[:0])
 
                 core.agent.transfer_pair("WRITE", planning.dram_rows(hm[:0], hf[:0], pm, pf), mem_type,
-                                         self._hasher.submit(seal_headers))
+                                         self._digests().submit(seal_headers))
             else:
                 place_headers([seal() for seal in sealers])
                 transfer_rows(core.agent, "WRITE", hm, hf, pm, pf, mem_type)
@@ -233,8 +237,7 @@ class BlockWriter:
             pf[j, :, 0], pf[j, :, 1], pf[j, :, 2] = seg_offsets, seg_bytes, fd
         return hm, hf, pm.reshape(-1, 3), pf.reshape(-1, 3), sealers
 
-    def _write_streamed(self, plans: list[Plan], jobs: list[Job], host_mem: dict[int, torch.Tensor], names: list[str],
-                        flags: int, out: _Batch) -> None:
+    def _write_streamed(self, plans: list[Plan], jobs: list[Job], host_mem: dict[int, torch.Tensor], out: _Batch) -> None:
         """O_DIRECT writes from host memory, posted as they become ready: each sub-batch of
         about ``pipeline_kib`` (one chunk of 2 MiB or more by default) goes to the device as
         soon as its files are open, while the next files are claimed or created and the
@@ -252,21 +255,18 @@ class BlockWriter:
         arena.ensure(len(jobs) * poff)
         groups = planning.pipeline_groups(len(jobs), geo.file_bytes, core.pipeline_bytes)
         aside = len(jobs) > 1 and core.hash_in_thread()
-        if aside and self._hasher is None:
-            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vua-nixl-digest")
         sealing: list[Future[bytes]] = []
         hdr_rows: list[tuple[np.ndarray, np.ndarray]] = []
         try:
             with ExitStack() as files, core.agent.requests("WRITE") as requests:
                 for lo, hi in groups:
                     for j in range(lo, hi):
-                        self._open_temp(plans, jobs[j], names[j], flags, out)
+                        self._open_temp(plans, jobs[j], out)
                     files.enter_context(core.agent.files(out.fds[lo:hi]))
                     hm, hf, pm, pf, sealers = self._rows(jobs[lo:hi], out.chunks[lo:hi], host_mem, out.fds[lo:hi], lo)
                     if aside:
                         requests.post(*planning.dram_rows(hm[:0], hf[:0], pm, pf))
-                        assert self._hasher is not None
-                        sealing.extend(self._hasher.submit(seal) for seal in sealers)
+                        sealing.extend(self._digests().submit(seal) for seal in sealers)
                         hdr_rows.append((hm, hf))
                     else:
                         for j, seal in enumerate(sealers, lo):
